@@ -1,0 +1,179 @@
+"""Run records: the Parquet schema (with documentation) and crash-safe writing.
+
+Layout of an output directory::
+
+    OUT/runs.parquet            one row per run     (merged view)
+    OUT/curves.parquet          one row per logged step of every run
+    OUT/parts/runs/<id>.parquet, OUT/parts/curves/<id>.parquet   one pair per run
+
+A finished run writes its part files (temp file + atomic rename), then merges all
+parts with the existing merged files under an exclusive file lock, so concurrent
+writers never lose or duplicate a row (a run id appears at most once; the newest
+part wins). Every file carries ``schema_version`` in its Parquet metadata.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = 1
+
+# (column, type, unit / definition) — the single source of the schema and its documentation.
+RUN_COLUMNS: list[tuple[str, pa.DataType, str]] = [
+    ("run_id", pa.string(), "stable hash of the run's defining config (RunConfig.key())"),
+    ("sweep", pa.string(), "sweep name ('' for a single `stabench run`)"),
+    ("model", pa.string(), "model preset name (e.g. micro, 16M)"),
+    ("n_params", pa.int64(), "number of distinct parameters (a tied matrix once)"),
+    ("vocab_size", pa.int64(), "V, vocabulary size (tokens)"),
+    ("seq_len", pa.int64(), "T, sequence length (tokens)"),
+    ("batch_size", pa.int64(), "B, sequences per optimizer step"),
+    ("steps", pa.int64(), "optimizer steps planned"),
+    ("warmup", pa.int64(), "linear warmup steps"),
+    ("stabilizer", pa.string(), "stabilizer spec (built-in name, entry point or module:Class)"),
+    ("lam", pa.float64(), "λ of z-loss / μ-loss (null if the stabilizer has none)"),
+    ("cap", pa.float64(), "soft-capping constant c (null if none)"),
+    ("hparams", pa.string(), "all stabilizer hyperparameters, JSON"),
+    ("lr", pa.float64(), "peak learning rate"),
+    ("seed", pa.int64(), "initialization seed"),
+    ("data_seed", pa.int64(), "batch-order seed"),
+    ("weight_tying", pa.bool_(), "input and output embeddings shared"),
+    ("precision", pa.string(), "fp32 or bf16 (autocast) as actually used"),
+    ("data", pa.string(), "data spec (synthetic…, text:PATH, bin:PATH)"),
+    ("L0", pa.float64(), "loss at initialization ln V (nats)"),
+    ("final_loss", pa.float64(), "final validation cross-entropy, no regularization term (nats); "
+                                 "at the stopping step for a diverged run; may be NaN/inf"),
+    ("best_val_loss", pa.float64(), "lowest validation cross-entropy over all evaluations (nats)"),
+    ("diverged", pa.bool_(), "run stopped by the divergence rules"),
+    ("diverged_step", pa.int64(), "step at which divergence was detected (null if not diverged)"),
+    ("diverged_reason", pa.string(), "nonfinite | loss_above_L0 | loss_spike ('' if not diverged)"),
+    ("spike_score", pa.float64(), "largest z-score of a train loss vs the previous window (σ units)"),
+    ("steps_done", pa.int64(), "optimizer steps actually taken"),
+    ("logit_mean", pa.float64(), "mean of the logits the loss sees, final validation batches"),
+    ("logit_std", pa.float64(), "standard deviation of those logits"),
+    ("logit_absmax", pa.float64(), "max |logit| over those logits"),
+    ("mean_log2z", pa.float64(), "mean over tokens of (log Z)², Z the softmax normalizer"),
+    ("mu_norm", pa.float64(), "‖μ‖, μ = mean of the output-embedding rows"),
+    ("isotropy", pa.float64(), "1 − ‖μ‖² / mean_i ‖e_i‖² ∈ [0, 1]; 1 = centred rows, 0 = all rows equal"),
+    ("mu_hidden_cos", pa.float64(), "cosine between μ and the mean final hidden state (validation tokens)"),
+    ("logit_precision_error", pa.float64(), "max |logits(run precision) − logits(fp32)| on one fixed batch"),
+    ("wall_time_s", pa.float64(), "training wall time (s), evaluation included, set-up excluded"),
+    ("step_time_s", pa.float64(), "median wall time of one training step (s)"),
+    ("tokens_per_s", pa.float64(), "training tokens per second"),
+    ("device", pa.string(), "cpu or cuda device name"),
+    ("threads", pa.int64(), "intra-op threads used"),
+    ("torch_version", pa.string(), "torch.__version__"),
+    ("stabench_version", pa.string(), "bench.__version__"),
+    ("git_commit", pa.string(), "commit of the stabench checkout ('' if unknown)"),
+    ("started_at", pa.string(), "UTC start time, ISO 8601"),
+    ("config", pa.string(), "the full resolved RunConfig, JSON"),
+    ("schema_version", pa.int64(), "version of this schema"),
+]
+CURVE_COLUMNS: list[tuple[str, pa.DataType, str]] = [
+    ("run_id", pa.string(), "run this row belongs to"),
+    ("step", pa.int64(), "optimizer step (1-based: after `step` updates)"),
+    ("lr", pa.float64(), "learning rate used at this step"),
+    ("train_loss", pa.float64(), "training cross-entropy of this step's batch (nats)"),
+    ("reg_loss", pa.float64(), "stabilizer loss term of this step (nats; 0 if none)"),
+    ("val_loss", pa.float64(), "validation cross-entropy (null between evaluations)"),
+    ("grad_norm", pa.float64(), "global gradient L2 norm before clipping"),
+    ("logit_mean", pa.float64(), "mean logit of this step's batch"),
+    ("logit_absmax", pa.float64(), "max |logit| of this step's batch"),
+    ("mean_log2z", pa.float64(), "mean (log Z)² of this step's batch"),
+    ("mu_norm", pa.float64(), "‖μ‖ after this step"),
+]
+RUNS_SCHEMA = pa.schema([(n, t) for n, t, _ in RUN_COLUMNS],
+                        metadata={"schema_version": str(SCHEMA_VERSION)})
+CURVES_SCHEMA = pa.schema([(n, t) for n, t, _ in CURVE_COLUMNS],
+                          metadata={"schema_version": str(SCHEMA_VERSION)})
+
+
+def _table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    cols = {name: [r.get(name) for r in rows] for name in schema.names}
+    return pa.table(cols, schema=schema)
+
+
+def _atomic_write_table(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+@contextmanager
+def locked(out_dir: Path) -> Iterator[None]:
+    """Exclusive advisory lock on OUT/.lock (works across processes on one machine and NFSv4)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def write_run(out_dir: str | Path, run: dict[str, Any], curve: list[dict[str, Any]], merge: bool = True) -> None:
+    """Record one finished run: part files first (atomic), then the merged view."""
+    out = Path(out_dir)
+    rid = run["run_id"]
+    _atomic_write_table(_table(curve, CURVES_SCHEMA), out / "parts" / "curves" / f"{rid}.parquet")
+    _atomic_write_table(_table([run], RUNS_SCHEMA), out / "parts" / "runs" / f"{rid}.parquet")
+    if merge:
+        merge_parts(out)
+
+
+def _merge(out: Path, kind: str, schema: pa.Schema) -> None:
+    parts = sorted((out / "parts" / kind).glob("*.parquet"))
+    merged = out / f"{kind}.parquet"
+    tables = [pq.read_table(p, schema=schema) for p in parts]
+    ids = {p.stem for p in parts}
+    if merged.exists():  # rows that exist only in the merged file (e.g. committed results) are kept
+        old = pq.read_table(merged)
+        old = old.filter(pa.compute.invert(pa.compute.is_in(old["run_id"], pa.array(sorted(ids), pa.string()))))
+        tables.insert(0, _conform(old, schema))
+    if not tables:
+        return
+    table = pa.concat_tables(tables).replace_schema_metadata(schema.metadata)
+    _atomic_write_table(table, merged)
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Add columns a newer schema has (as nulls) so older files still merge."""
+    cols = [table[n].cast(t) if n in table.column_names else pa.nulls(len(table), t)
+            for n, t in zip(schema.names, schema.types)]
+    return pa.table(cols, schema=schema)
+
+
+def merge_parts(out_dir: str | Path) -> None:
+    """Rebuild OUT/runs.parquet and OUT/curves.parquet from the parts (and the old merged files)."""
+    out = Path(out_dir)
+    import pyarrow.compute  # noqa: F401  (pa.compute)
+    with locked(out):
+        _merge(out, "curves", CURVES_SCHEMA)
+        _merge(out, "runs", RUNS_SCHEMA)
+
+
+def read_runs(out_dir: str | Path) -> pd.DataFrame:
+    path = Path(out_dir) / "runs.parquet"
+    return pd.read_parquet(path) if path.exists() else _table([], RUNS_SCHEMA).to_pandas()
+
+
+def read_curves(out_dir: str | Path) -> pd.DataFrame:
+    path = Path(out_dir) / "curves.parquet"
+    return pd.read_parquet(path) if path.exists() else _table([], CURVES_SCHEMA).to_pandas()
+
+
+def schema_markdown() -> str:
+    """The schema as Markdown tables (README / docs)."""
+    lines = []
+    for title, cols in (("runs.parquet", RUN_COLUMNS), ("curves.parquet", CURVE_COLUMNS)):
+        lines += [f"**{title}**", "", "| column | type | meaning |", "|---|---|---|"]
+        lines += [f"| `{n}` | {t} | {d} |" for n, t, d in cols]
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""``stabench run`` and ``stabench presets``."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from pathlib import Path
+
+# CLI flag -> RunConfig field (flags left unset fall back to --config, then to defaults)
+RUN_FLAGS: dict[str, tuple[str, type]] = {
+    "--model": ("model", str), "--stabilizer": ("stabilizer", str), "--lr": ("lr", float),
+    "--min-lr": ("min_lr", float), "--steps": ("steps", int), "--warmup": ("warmup", int),
+    "--batch-size": ("batch_size", int), "--micro-batch-size": ("micro_batch_size", int),
+    "--seq-len": ("seq_len", int), "--vocab-size": ("vocab_size", int), "--data": ("data", str),
+    "--seed": ("seed", int), "--data-seed": ("data_seed", int), "--device": ("device", str),
+    "--precision": ("precision", str), "--threads": ("threads", int), "--eval-every": ("eval_every", int),
+    "--eval-batches": ("eval_batches", int), "--log-every": ("log_every", int),
+    "--weight-decay": ("weight_decay", float), "--grad-clip": ("grad_clip", float),
+}
+
+
+def configure(name: str, p: argparse.ArgumentParser) -> None:
+    if name == "presets":
+        p.add_argument("--vocab-size", type=int, default=None, help="vocabulary (default: 8192 CPU, 50304 study)")
+        return
+    p.add_argument("--config", metavar="FILE.toml", help="RunConfig values from a TOML file (flags override)")
+    for flag, (field, typ) in RUN_FLAGS.items():
+        p.add_argument(flag, dest=field, type=typ, default=None, metavar=field.upper())
+    p.add_argument("--lam", type=float, default=None, help="λ of zloss / muloss")
+    p.add_argument("--cap", type=float, default=None, help="c of softcap")
+    p.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
+                   help="any stabilizer hyperparameter (third-party stabilizers); repeatable")
+    p.add_argument("--weight-tying", dest="weight_tying", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--out", default="results/dev", help="output directory (default results/dev)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def config_from_args(args: argparse.Namespace):
+    from .cli import UsageError
+    from .config import from_dict, load_toml
+
+    values = load_toml(args.config) if args.config else {}
+    source = args.config or "command line"
+    for _, (field, _) in RUN_FLAGS.items():
+        if getattr(args, field) is not None:
+            values[field] = getattr(args, field)
+    for field in ("weight_tying", "compile"):
+        if getattr(args, field) is not None:
+            values[field] = getattr(args, field)
+    hparams = dict(values.get("hparams", {}))
+    for key in ("lam", "cap"):
+        if getattr(args, key) is not None:
+            hparams[key] = getattr(args, key)
+    for item in args.hp:
+        k, sep, v = item.partition("=")
+        try:
+            hparams[k] = float(v)
+        except ValueError:
+            raise UsageError(f"--hp {item!r}: expected KEY=NUMBER") from None
+        if not sep:
+            raise UsageError(f"--hp {item!r}: expected KEY=NUMBER")
+    values["hparams"] = hparams
+    return from_dict(values, source).check(source)
+
+
+def main(name: str, args: argparse.Namespace) -> int:
+    if name == "presets":
+        return _presets(args)
+    from . import records
+    from .trainer import train
+
+    cfg = config_from_args(args)  # every check happens before anything is written
+    result = train(cfg, progress=not args.quiet)
+    records.write_run(args.out, result.run, result.curve)
+    r = result.run
+    status = f"DIVERGED at step {r['diverged_step']} ({r['diverged_reason']})" if r["diverged"] else "finished"
+    print(f"{r['run_id']}: {status}; final val loss {r['final_loss']:.4f} (L0 {r['L0']:.2f}); "
+          f"{r['tokens_per_s']:.0f} tokens/s; wrote {Path(args.out) / 'runs.parquet'}")
+    return 0
+
+
+def _presets(args: argparse.Namespace) -> int:
+    from .model import CPU_PRESETS, PRESETS, count_params, preset
+
+    print(f"{'preset':8} {'layers':>6} {'width':>6} {'heads':>5} {'vocab':>6} {'n_params':>12} {'tied':>12}")
+    for name, (n_layer, n_embd, n_head) in PRESETS.items():
+        V = args.vocab_size or (8192 if name in CPU_PRESETS else 50304)
+        untied = count_params(preset(name, vocab_size=V))
+        tied = count_params(preset(name, vocab_size=V, weight_tying=True))
+        print(f"{name:8} {n_layer:>6} {n_embd:>6} {n_head:>5} {V:>6} {untied:>12,} {tied:>12,}")
+    return 0

@@ -1,0 +1,95 @@
+"""The stabilizer submission interface.
+
+A stabilizer is a frozen dataclass whose fields are its typed hyperparameters,
+with up to three hooks. Every hook is a *pure tensor function*: it returns new
+tensors, edits nothing in place and never syncs with the host (no ``.item()``),
+so the engine can vectorize it over sweep members. The trainer applies what the
+hooks return, in this order, every step::
+
+    logits = stab.transform_logits(E·h)                     # (B, T, V)
+    loss   = cross_entropy(logits) + stab.loss_term(inputs)  # scalar
+    loss.backward(); clip; optimizer.step()
+    for name, new in stab.after_step(params).items():        # no grad
+        params[name] <- new
+
+Implement only the hooks you need; the defaults do nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+OUTPUT_EMBEDDING = "output_embedding"
+"""Key of E ∈ R^{V×H} in the ``params`` dict given to ``after_step`` (tied or not)."""
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """What ``loss_term`` may use. All tensors are part of the autograd graph.
+
+    logits: (B, T, V) logits after ``transform_logits``, in the compute dtype.
+    lse:    (B, T) float32 logsumexp of those logits (log Z), shared with the cross-entropy.
+    hidden: (B, T, H) final hidden states h.
+    output_embedding: (V, H) the LM-head matrix E (the shared matrix with weight tying).
+    """
+
+    logits: torch.Tensor
+    lse: torch.Tensor
+    hidden: torch.Tensor
+    output_embedding: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Stabilizer:
+    """Base class: subclass it, set ``name``, add hyperparameters as float fields."""
+
+    name: ClassVar[str] = "base"
+
+    def transform_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Map logits (B, T, V) to the logits the cross-entropy sees."""
+        return logits
+
+    def loss_term(self, inputs: LossInputs) -> torch.Tensor | None:
+        """Scalar regularization added to the cross-entropy, or None."""
+        return None
+
+    def after_step(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """New values for some parameters after the optimizer step.
+
+        ``params`` maps parameter names (as in ``model.named_parameters()``) to
+        detached tensors, plus ``OUTPUT_EMBEDDING`` for E. Return {name: new tensor}.
+        """
+        return {}
+
+    # -- engine side ---------------------------------------------------------
+    def hyperparameters(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def hyperparameter_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def has_hook(cls, hook: str) -> bool:
+        """True when ``cls`` overrides ``hook`` (the trainer skips hooks that do nothing)."""
+        return getattr(cls, hook) is not getattr(Stabilizer, hook)
+
+
+def check_nonnegative(stab: Stabilizer, field: str) -> None:
+    """Raise ValueError unless ``stab.field`` is a finite number >= 0 (tensors pass: packed runs)."""
+    value = getattr(stab, field)
+    if isinstance(value, torch.Tensor):
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{stab.name}.{field} must be a finite number >= 0, got {value!r}")
+
+
+def check_positive(stab: Stabilizer, field: str) -> None:
+    check_nonnegative(stab, field)
+    value = getattr(stab, field)
+    if not isinstance(value, torch.Tensor) and value <= 0:
+        raise ValueError(f"{stab.name}.{field} must be a finite number > 0, got {value!r}")
