@@ -78,7 +78,7 @@ class RunConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp64"] = "auto"
     eval_every: int = 100
     eval_batches: int = 4
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
@@ -169,8 +169,9 @@ def _format_pydantic(err: pydantic.ValidationError, source: str | None) -> Confi
     e = err.errors()[0]
     key = ".".join(str(p) for p in e["loc"]) or "(root)"
     msg = e["msg"]
-    if e["type"] == "extra_forbidden":
-        allowed = [f.name for f in dataclasses.fields(RunConfig)]
+    if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+        cls = DivergenceConfig if e["loc"][0] == "divergence" else RunConfig
+        allowed = [f.name for f in dataclasses.fields(cls)]
         msg = f"unknown key; allowed: {', '.join(allowed)}"
     return ConfigError(key, msg, source)
 

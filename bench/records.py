@@ -44,7 +44,7 @@ RUN_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("seed", pa.int64(), "initialization seed"),
     ("data_seed", pa.int64(), "batch-order seed"),
     ("weight_tying", pa.bool_(), "input and output embeddings shared"),
-    ("precision", pa.string(), "fp32 or bf16 (autocast) as actually used"),
+    ("precision", pa.string(), "fp32, bf16 (autocast) or fp64, as actually used"),
     ("data", pa.string(), "data spec (synthetic…, text:PATH, bin:PATH)"),
     ("L0", pa.float64(), "loss at initialization ln V (nats)"),
     ("final_loss", pa.float64(), "final validation cross-entropy, no regularization term (nats); "

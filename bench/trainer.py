@@ -42,7 +42,7 @@ def resolve_device(cfg: RunConfig) -> torch.device:
 
 
 def resolve_precision(cfg: RunConfig, device: torch.device) -> str:
-    """'auto' is bf16 on CUDA and on CPUs with native bf16 matmul, else fp32 (measured: emulated
+    """fp64 trains in double precision (for exactness checks); 'auto' is bf16 on CUDA and on CPUs with native bf16 matmul, else fp32 (measured: emulated
     bf16 matmul is ~100× slower than fp32 on an AVX2-only CPU)."""
     if cfg.precision != "auto":
         return cfg.precision
@@ -66,7 +66,7 @@ def stabilized_loss(model: GPT, stab: Stabilizer, x: torch.Tensor, y: torch.Tens
     """
     with autocast:
         logits, hidden = model(x)
-    logits = stab.transform_logits(logits.float())
+    logits = stab.transform_logits(logits.to(torch.promote_types(logits.dtype, torch.float32)))
     lse = torch.logsumexp(logits, dim=-1)
     ce = (lse - logits.gather(-1, y.unsqueeze(-1)).squeeze(-1)).mean()
     reg = None
@@ -166,11 +166,12 @@ class _Progress:
 
 
 def train(cfg: RunConfig, *, data: TokenData | None = None, checkpoint: str | Path | None = None,
-          checkpoint_every: int = 0, progress: bool = False) -> RunResult:
+          checkpoint_every: int = 0, progress: bool = False, stop_at: int | None = None) -> RunResult | None:
     """Train the run described by ``cfg``. Divergence stops the run and is recorded, never raised.
 
     checkpoint: file to resume from (if it exists and matches cfg) and to save to every
     ``checkpoint_every`` steps (0 = never). The file is removed when the run finishes.
+    stop_at: leave after this step with a checkpoint saved and return None (time-sliced jobs).
     """
     cfg.check()
     if cfg.threads:
@@ -182,7 +183,7 @@ def train(cfg: RunConfig, *, data: TokenData | None = None, checkpoint: str | Pa
     stab = make_stabilizer(cfg.stabilizer, **cfg.hparams)
 
     torch.manual_seed(cfg.seed)
-    model = GPT(cfg.model_config()).to(device)
+    model = GPT(cfg.model_config()).to(device, torch.float64 if precision == "fp64" else torch.float32)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -262,11 +263,15 @@ def train(cfg: RunConfig, *, data: TokenData | None = None, checkpoint: str | Pa
                    line=row["val_loss"] is not None)
         if diverged_step is not None:
             break
-        if ckpt is not None and checkpoint_every and step % checkpoint_every == 0 and step < cfg.steps:
+        leaving = stop_at is not None and step >= stop_at and step < cfg.steps
+        if ckpt is not None and step < cfg.steps and (leaving or checkpoint_every and step % checkpoint_every == 0):
             _save_checkpoint(ckpt, {"key": cfg.key(), "step": step, "model": model.state_dict(),
                                     "optimizer": opt.state_dict(), "monitor": monitor.state_dict(),
                                     "curve": curve, "best_val": best_val, "elapsed": elapsed,
                                     "interval_times": interval_times})
+        if leaving:
+            bar.close()
+            return None
         t_interval = time.perf_counter()
     bar.close()
 

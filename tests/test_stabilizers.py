@@ -1,0 +1,104 @@
+"""Each built-in stabilizer against an independent computation of its formula."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench.model import GPT, preset
+from bench.stabilizers import BUILTIN, OUTPUT_EMBEDDING, StabilizerError, make_stabilizer
+from bench.trainer import apply_after_step, stabilized_loss
+from contextlib import nullcontext
+
+
+def _model(tied: bool = False) -> GPT:
+    torch.manual_seed(0)
+    return GPT(preset("nano", vocab_size=97, seq_len=16, weight_tying=tied))
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 97, (3, 16), generator=g)
+    return x, torch.roll(x, -1, dims=1)
+
+
+def test_builtins_are_the_five_of_the_study():
+    assert set(BUILTIN) == {"baseline", "zloss", "softcap", "muloss", "mucentering"}
+
+
+def test_baseline_loss_is_plain_cross_entropy():
+    model, (x, y) = _model(), _batch()
+    ce, reg, *_ = stabilized_loss(model, make_stabilizer("baseline"), x, y, nullcontext())
+    logits, _ = model(x)
+    assert reg.item() == 0.0
+    torch.testing.assert_close(ce, F.cross_entropy(logits.reshape(-1, 97), y.reshape(-1)))
+
+
+def test_zloss_value_is_lambda_times_mean_squared_log_normalizer():
+    model, (x, y) = _model(), _batch()
+    lam = 0.3
+    _, reg, logits, _, _ = stabilized_loss(model, make_stabilizer("zloss", lam=lam), x, y, nullcontext())
+    # independent: log Z by exp/sum/log in float64, token by token
+    l64 = logits.detach().double().reshape(-1, 97)
+    expected = lam * sum(math.log(row.exp().sum().item()) ** 2 for row in l64) / l64.shape[0]
+    assert reg.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_zloss_gradient_is_2_lambda_logz_softmax_over_tokens():
+    lam = 0.5
+    logits = torch.randn(2, 5, 11, dtype=torch.float64, requires_grad=True)
+    lse = torch.logsumexp(logits, dim=-1)
+    from bench.stabilizers import LossInputs
+    reg = make_stabilizer("zloss", lam=lam).loss_term(LossInputs(logits, lse, None, None))
+    (grad,) = torch.autograd.grad(reg, logits)
+    n = 10
+    expected = 2 * lam * lse.detach()[..., None] * torch.softmax(logits.detach(), -1) / n
+    torch.testing.assert_close(grad, expected)
+
+
+def test_softcap_bounds_logits_by_c_and_is_near_identity_for_small_logits():
+    stab = make_stabilizer("softcap", cap=5.0)
+    logits = torch.linspace(-1000, 1000, 2001)
+    capped = stab.transform_logits(logits)
+    assert capped.abs().max() <= 5.0
+    small = torch.tensor([0.01, -0.02])
+    torch.testing.assert_close(stab.transform_logits(small), small, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_muloss_is_lambda_times_squared_norm_of_row_mean(tied):
+    model, (x, y) = _model(tied), _batch()
+    lam = 2.0
+    _, reg, *_ = stabilized_loss(model, make_stabilizer("muloss", lam=lam), x, y, nullcontext())
+    E = model.lm_head.weight.detach().double()
+    mu = [sum(E[i, j].item() for i in range(E.shape[0])) / E.shape[0] for j in range(E.shape[1])]
+    assert reg.item() == pytest.approx(lam * sum(m * m for m in mu), rel=1e-5)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_mucentering_step_leaves_zero_row_mean(tied):
+    model = _model(tied)
+    with torch.no_grad():
+        model.output_embedding.add_(3.0)  # a large common offset
+    apply_after_step(model, make_stabilizer("mucentering"))
+    E = model.output_embedding
+    assert E.mean(dim=0).abs().max().item() < 1e-6
+    if tied:
+        assert model.wte.weight.mean(dim=0).abs().max().item() < 1e-6  # the shared matrix was centred
+
+
+def test_mucentering_hook_is_pure():
+    E = torch.randn(7, 4)
+    before = E.clone()
+    out = make_stabilizer("mucentering").after_step({OUTPUT_EMBEDDING: E})
+    torch.testing.assert_close(E, before)  # input untouched
+    torch.testing.assert_close(out[OUTPUT_EMBEDDING], E - E.mean(0))
+
+
+@pytest.mark.parametrize("spec,hp", [("zloss", {"lam": -1.0}), ("muloss", {"lam": float("nan")}),
+                                     ("softcap", {"cap": 0.0}), ("baseline", {"lam": 1.0}),
+                                     ("nonexistent", {})])
+def test_bad_stabilizer_or_hyperparameter_is_a_clear_error(spec, hp):
+    with pytest.raises(StabilizerError) as e:
+        make_stabilizer(spec, **hp)
+    assert spec.split(":")[0] in str(e.value) or "lam" in str(e.value) or "cap" in str(e.value)
