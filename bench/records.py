@@ -63,7 +63,7 @@ RUN_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("isotropy", pa.float64(), "1 − ‖μ‖² / mean_i ‖e_i‖² ∈ [0, 1]; 1 = centred rows, 0 = all rows equal"),
     ("mu_hidden_cos", pa.float64(), "cosine between μ and the mean final hidden state (validation tokens)"),
     ("logit_precision_error", pa.float64(), "max |logits(run precision) − logits(fp32)| on one fixed batch"),
-    ("wall_time_s", pa.float64(), "training wall time (s), evaluation included, set-up excluded"),
+    ("wall_time_s", pa.float64(), "training wall time (s): optimizer steps only, evaluation and set-up excluded"),
     ("step_time_s", pa.float64(), "median wall time of one training step (s)"),
     ("tokens_per_s", pa.float64(), "training tokens per second"),
     ("device", pa.string(), "cpu or cuda device name"),

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from . import provenance, records
+from . import provenance, records, runtime
 from .config import RunConfig
 from .data import TokenData, load_data
 from .divergence import DivergenceMonitor
@@ -165,23 +165,32 @@ class _Progress:
             self.bar.stop()
 
 
-def train(cfg: RunConfig, *, data: TokenData | None = None, checkpoint: str | Path | None = None,
-          checkpoint_every: int = 0, progress: bool = False, stop_at: int | None = None) -> RunResult | None:
-    """Train the run described by ``cfg``. Divergence stops the run and is recorded, never raised.
+@dataclass
+class Setup:
+    """A model ready to train: everything one optimizer step needs."""
 
-    checkpoint: file to resume from (if it exists and matches cfg) and to save to every
-    ``checkpoint_every`` steps (0 = never). The file is removed when the run finishes.
-    stop_at: leave after this step with a checkpoint saved and return None (time-sliced jobs).
-    """
-    cfg.check()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    cfg: RunConfig
+    device: torch.device
+    precision: str
+    autocast: Any
+    stab: Stabilizer
+    model: GPT
+    fwd: Any  # the model, or its torch.compile'd wrapper
+    opt: torch.optim.Optimizer
+
+    @property
+    def micro_batches(self) -> int:
+        return self.cfg.batch_size // (self.cfg.micro_batch_size or self.cfg.batch_size)
+
+
+def setup(cfg: RunConfig) -> Setup:
+    """Build model (seeded), stabilizer and AdamW for ``cfg``; applies the process speed settings."""
+    runtime.tune_allocator()
+    runtime.set_threads(cfg.threads)
     device = resolve_device(cfg)
     precision = resolve_precision(cfg, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    data = data or load_data(cfg.data, cfg.vocab_size)
     stab = make_stabilizer(cfg.stabilizer, **cfg.hparams)
-
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.model_config()).to(device, torch.float64 if precision == "fp64" else torch.float32)
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -191,12 +200,51 @@ def train(cfg: RunConfig, *, data: TokenData | None = None, checkpoint: str | Pa
                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                             fused=device.type == "cuda")
     fwd = torch.compile(model) if cfg.compile else model
+    return Setup(cfg, device, precision, autocast, stab, model, fwd, opt)
+
+
+def train_step(s: Setup, x: torch.Tensor, y: torch.Tensor, step: int):
+    """Update ``step`` (0-based) on batch (x, y) already on the device; no host sync.
+
+    Returns (ce, reg, grad_norm, logits, lse) of the last micro-batch (ce/reg averaged over all).
+    """
+    cfg = s.cfg
+    lr = lr_at(cfg, step)
+    for group in s.opt.param_groups:
+        group["lr"] = lr
+    n_micro = s.micro_batches
+    mb = cfg.batch_size // n_micro
+    ce_acc = reg_acc = 0.0
+    for i in range(n_micro):
+        sl = slice(i * mb, (i + 1) * mb)
+        ce, reg, logits, lse, _ = stabilized_loss(s.fwd, s.stab, x[sl], y[sl], s.autocast)
+        ((ce + reg) / n_micro).backward()
+        ce_acc, reg_acc = ce_acc + ce.detach() / n_micro, reg_acc + reg.detach() / n_micro
+    clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), clip)
+    s.opt.step()
+    s.opt.zero_grad(set_to_none=True)
+    if type(s.stab).has_hook("after_step"):
+        apply_after_step(s.model, s.stab)
+    return ce_acc, reg_acc, grad_norm, logits, lse
+
+
+def train(cfg: RunConfig, *, data: TokenData | None = None, checkpoint: str | Path | None = None,
+          checkpoint_every: int = 0, progress: bool = False, stop_at: int | None = None) -> RunResult | None:
+    """Train the run described by ``cfg``. Divergence stops the run and is recorded, never raised.
+
+    checkpoint: file to resume from (if it exists and matches cfg) and to save to every
+    ``checkpoint_every`` steps (0 = never). The file is removed when the run finishes.
+    stop_at: leave after this step with a checkpoint saved and return None (time-sliced jobs;
+    checked at the logging cadence).
+    """
+    cfg.check()
+    s = setup(cfg)
+    device, precision, autocast, stab, model, fwd, opt = (
+        s.device, s.precision, s.autocast, s.stab, s.model, s.fwd, s.opt)
+    data = data or load_data(cfg.data, cfg.vocab_size)
     monitor = DivergenceMonitor(cfg.divergence, cfg.L0, cfg.warmup)
     val = data.val_batches(cfg.eval_batches, cfg.batch_size, cfg.seq_len)
-    mb = cfg.micro_batch_size or cfg.batch_size
-    n_micro = cfg.batch_size // mb
-    has_after = type(stab).has_hook("after_step")
-    clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
 
     start, curve, best_val, elapsed, interval_times = 0, [], math.inf, 0.0, []
     ckpt = Path(checkpoint) if checkpoint else None
@@ -217,22 +265,9 @@ def train(cfg: RunConfig, *, data: TokenData | None = None, checkpoint: str | Pa
     t_interval = time.perf_counter()
     step = start
     for step in range(start + 1, cfg.steps + 1):
-        lr = lr_at(cfg, step - 1)
-        for group in opt.param_groups:
-            group["lr"] = lr
         x, y = data.train_batch(step - 1, cfg.resolved_data_seed, cfg.batch_size, cfg.seq_len)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        ce_acc = reg_acc = 0.0
-        for i in range(n_micro):
-            sl = slice(i * mb, (i + 1) * mb)
-            ce, reg, logits, lse, _ = stabilized_loss(fwd, stab, x[sl], y[sl], autocast)
-            ((ce + reg) / n_micro).backward()
-            ce_acc, reg_acc = ce_acc + ce.detach() / n_micro, reg_acc + reg.detach() / n_micro
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if has_after:
-            apply_after_step(model, stab)
+        ce_acc, reg_acc, grad_norm, logits, lse = train_step(s, x, y, step - 1)
         pending[step - 1] = torch.stack([ce_acc, reg_acc, grad_norm.float()])
 
         is_eval = step % cfg.eval_every == 0 or step == cfg.steps
@@ -249,8 +284,8 @@ def train(cfg: RunConfig, *, data: TokenData | None = None, checkpoint: str | Pa
                 diverged_step, reason = last_checked + i + 1, r
         last_checked = step
         with torch.no_grad():
-            row = {"run_id": cfg.key(), "step": step, "lr": lr, "train_loss": rows[-1][0], "reg_loss": rows[-1][1],
-                   "val_loss": None, "grad_norm": rows[-1][2], "logit_mean": float(logits.mean()),
+            row = {"run_id": cfg.key(), "step": step, "lr": lr_at(cfg, step - 1), "train_loss": rows[-1][0],
+                   "reg_loss": rows[-1][1], "val_loss": None, "grad_norm": rows[-1][2], "logit_mean": float(logits.mean()),
                    "logit_absmax": float(logits.abs().max()), "mean_log2z": float(lse.square().mean()),
                    "mu_norm": float(model.output_embedding.float().mean(0).norm())}
         if is_eval or diverged_step is not None:
