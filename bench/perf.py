@@ -1,0 +1,271 @@
+"""``stabench perf``: how fast stabench trains on this machine, as ratios measured in one run.
+
+- peak: dense GEMM FLOP/s of the device in the step's dtype, with the threads stabench uses;
+- per preset: steady-state step time (median, p10, p90), tokens/s, FLOPs per token
+  (6·N + 12·L·H·T), achieved FLOP/s and MFU = achieved / measured peak;
+- per stabilizer: step-time overhead vs baseline, measured interleaved in this process;
+- sweep layouts: trials/hour of short trials with 1 worker × all cores and 1 worker per core
+  (and packed trials when bench.pack is available).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import provenance, runtime
+from .config import RunConfig, from_dict
+from .model import CPU_PRESETS, STUDY_PRESETS, flops_per_token
+from .stabilizers import BUILTIN
+
+QUICK = dict(steps=4, warmup_steps=2, rounds=2, layout_trials=2, layout_steps=10)
+FULL = dict(steps=20, warmup_steps=5, rounds=5, layout_trials=6, layout_steps=150)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gemm_peak(dtype: torch.dtype, device: torch.device, sizes=(512, 1024, 2048), reps: int = 5) -> dict[str, Any]:
+    """Best dense matmul FLOP/s over square sizes (median of ``reps`` timings per size)."""
+    best, at = 0.0, 0
+    for n in sizes:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        for _ in range(2):
+            a @ b
+        times = []
+        for _ in range(reps):
+            _sync(device)
+            t = time.perf_counter()
+            a @ b
+            _sync(device)
+            times.append(time.perf_counter() - t)
+        flops = 2 * n**3 / statistics.median(times)
+        if flops > best:
+            best, at = flops, n
+    return {"dtype": str(dtype).removeprefix("torch."), "flops": best, "size": at}
+
+
+class StepTimer:
+    """One model set up exactly as the trainer does, stepping on fixed synthetic batches."""
+
+    def __init__(self, cfg: RunConfig, data):
+        from .trainer import setup
+
+        self.cfg, self.s = cfg, setup(cfg)
+        self.batches = [tuple(t.to(self.s.device) for t in data.train_batch(i, 0, cfg.batch_size, cfg.seq_len))
+                        for i in range(4)]
+        self.i = 0
+
+    def run(self, n: int) -> list[float]:
+        from .trainer import train_step
+
+        times = []
+        for _ in range(n):
+            x, y = self.batches[self.i % len(self.batches)]
+            _sync(self.s.device)
+            t = time.perf_counter()
+            train_step(self.s, x, y, self.cfg.warmup + self.i)  # past warmup: full lr
+            _sync(self.s.device)
+            times.append(time.perf_counter() - t)
+            self.i += 1
+        return times
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(int(q * len(xs)), len(xs) - 1)]
+
+
+def preset_row(cfg: RunConfig, data, steps: int, warmup_steps: int, peak: float) -> dict[str, Any]:
+    timer = StepTimer(cfg, data)
+    timer.run(warmup_steps)
+    times = timer.run(steps)
+    step = statistics.median(times)
+    tokens = cfg.batch_size * cfg.seq_len
+    fpt = flops_per_token(cfg.model_config())
+    achieved = fpt * tokens / step
+    return {"preset": cfg.model, "n_params": timer.s.model.n_params, "vocab_size": cfg.vocab_size,
+            "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "tokens_per_step": tokens,
+            "precision": timer.s.precision, "step_time_s": step, "step_time_p10_s": _quantile(times, 0.1),
+            "step_time_p90_s": _quantile(times, 0.9), "tokens_per_s": tokens / step,
+            "flops_per_token": fpt, "achieved_flops": achieved, "peak_flops": peak, "mfu": achieved / peak}
+
+
+def stabilizer_overhead(base: RunConfig, data, rounds: int, steps: int, warmup_steps: int) -> list[dict[str, Any]]:
+    """Median step time per stabilizer, rounds interleaved so machine noise hits all alike."""
+    hp = {"zloss": {"lam": 1e-4}, "muloss": {"lam": 1e-4}, "softcap": {"cap": 30.0}}
+    timers = {name: StepTimer(base.replace(stabilizer=name, hparams=hp.get(name, {})), data) for name in BUILTIN}
+    for t in timers.values():
+        t.run(warmup_steps)
+    samples: dict[str, list[float]] = {name: [] for name in timers}
+    for _ in range(rounds):
+        for name, t in timers.items():
+            samples[name] += t.run(steps)
+    med = {name: statistics.median(v) for name, v in samples.items()}
+    return [{"stabilizer": name, "step_time_s": med[name], "overhead": med[name] / med["baseline"] - 1}
+            for name in timers]
+
+
+_DATA_CACHE: dict = {}
+
+
+def _layout_trial(cfg_dict: dict[str, Any]) -> bool:
+    """One short trial in a worker process (data cached per process, as sweep workers do)."""
+    from .data import load_data
+    from .trainer import train
+
+    cfg = from_dict(cfg_dict)
+    key = (cfg.data, cfg.vocab_size)
+    if key not in _DATA_CACHE:
+        _DATA_CACHE[key] = load_data(cfg.data, cfg.vocab_size)
+    return train(cfg, data=_DATA_CACHE[key]).run["diverged"]
+
+
+def layout_throughput(base: RunConfig, n_trials: int, steps: int, cores: int) -> list[dict[str, Any]]:
+    """Trials/hour of ``n_trials`` short trials under each local layout (workers × threads)."""
+    from joblib import Parallel, delayed
+
+    layouts = sorted({(1, cores), (cores, 1)} | ({(cores // 2, 2)} if cores >= 4 else set()))
+    rows = []
+    for workers, threads in layouts:
+        cfgs = [base.replace(steps=steps, warmup=min(base.warmup, steps // 2), eval_every=steps, threads=threads,
+                             lr=base.lr * (1 + i / 10)).to_dict() for i in range(n_trials)]
+        with Parallel(n_jobs=workers, backend="loky") as par:
+            par(delayed(_layout_trial)(cfgs[0]) for _ in range(workers))  # start workers, warm caches
+            t = time.perf_counter()
+            par(delayed(_layout_trial)(c) for c in cfgs)
+            wall = time.perf_counter() - t
+        rows.append({"layout": f"{workers} worker(s) x {threads} thread(s)", "workers": workers,
+                     "threads": threads, "trials": n_trials, "steps": steps, "wall_s": wall,
+                     "trials_per_hour": n_trials / wall * 3600})
+    return rows
+
+
+def packed_throughput(base: RunConfig, n_trials: int, steps: int, cores: int) -> list[dict[str, Any]]:
+    try:
+        from .pack import measure_pack_throughput
+    except ImportError:
+        return []
+    return measure_pack_throughput(base, n_trials=n_trials, steps=steps, cores=cores)
+
+
+def machine() -> dict[str, Any]:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "cpu_native_bf16": provenance.cpu_supports_bf16(), "allocator_tuned": runtime.tune_allocator()}
+
+
+def run_perf(presets: list[str], *, quick: bool, device: str, precision: str, threads: int | None,
+             batch_size: int, seq_len: int, vocab_size: int | None, compile_: bool,
+             sections: set[str], log=print) -> dict[str, Any]:
+    from .data import load_data
+
+    knobs = QUICK if quick else FULL
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = threads or (cores if dev.type == "cpu" else None)
+    V = vocab_size or (50304 if dev.type == "cuda" else 8192)
+    base = from_dict(dict(model=presets[0], vocab_size=V, batch_size=batch_size, seq_len=seq_len, device=dev.type,
+                          precision=precision, threads=threads, compile=compile_, warmup=10, lr=3e-3,
+                          data="synthetic:tokens=200000")).check()
+    runtime.set_threads(threads)
+    data = load_data(base.data, V)
+    from .trainer import resolve_precision
+
+    prec = resolve_precision(base, dev)
+    dtype = torch.bfloat16 if prec == "bf16" else (torch.float64 if prec == "fp64" else torch.float32)
+    log(f"measuring {str(dtype).removeprefix('torch.')} GEMM peak on {provenance.device_name(dev)} "
+        f"with {torch.get_num_threads()} threads…")
+    peak = gemm_peak(dtype, dev)
+    peaks = {peak["dtype"]: peak}
+    if dev.type == "cpu" and dtype != torch.float32:
+        fp32 = gemm_peak(torch.float32, dev)
+        peaks[fp32["dtype"]] = fp32
+    result: dict[str, Any] = {
+        "created_at": provenance.utc_now(), "machine": machine(), "versions": provenance.versions(),
+        "settings": {"device": dev.type, "precision": prec, "threads": torch.get_num_threads(), "quick": quick,
+                     "batch_size": batch_size, "seq_len": seq_len, "vocab_size": V, "compile": compile_, **knobs},
+        "peak": peaks, "presets": [], "overhead": [], "layouts": [], "packed": []}
+    for name in presets:
+        log(f"timing preset {name}…")
+        row = preset_row(base.replace(model=name), data, knobs["steps"], knobs["warmup_steps"], peak["flops"])
+        result["presets"].append(row)
+    if "overhead" in sections:
+        log(f"timing stabilizer overhead on {presets[0]} (interleaved)…")
+        result["overhead"] = stabilizer_overhead(base, data, knobs["rounds"], knobs["steps"], knobs["warmup_steps"])
+    if "layouts" in sections and dev.type == "cpu":
+        micro = base.replace(model="micro" if "micro" in presets or not quick else presets[0], threads=None)
+        log(f"timing sweep layouts on {micro.model} ({knobs['layout_trials']} trials × {knobs['layout_steps']} steps)…")
+        result["layouts"] = layout_throughput(micro, knobs["layout_trials"], knobs["layout_steps"], cores)
+        if "packed" in sections:
+            result["packed"] = packed_throughput(micro, knobs["layout_trials"], knobs["layout_steps"], cores)
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    peak = next(iter(result["peak"].values()))
+    out = [f"GEMM peak ({peak['dtype']}, {result['settings']['threads']} threads): {peak['flops'] / 1e9:.1f} GFLOP/s",
+           "", f"{'preset':8} {'params':>10} {'prec':>5} {'step ms':>8} {'p10-p90 ms':>13} {'tokens/s':>10} "
+               f"{'GFLOP/s':>8} {'MFU':>6}"]
+    for r in result["presets"]:
+        out.append(f"{r['preset']:8} {r['n_params']:>10,} {r['precision']:>5} {r['step_time_s'] * 1e3:>8.1f} "
+                   f"{r['step_time_p10_s'] * 1e3:>6.1f}-{r['step_time_p90_s'] * 1e3:<6.1f} {r['tokens_per_s']:>10.0f} "
+                   f"{r['achieved_flops'] / 1e9:>8.1f} {r['mfu']:>6.1%}")
+    if result["overhead"]:
+        out += ["", f"{'stabilizer':12} {'step ms':>8} {'overhead':>9}"]
+        out += [f"{r['stabilizer']:12} {r['step_time_s'] * 1e3:>8.2f} {r['overhead']:>+9.1%}" for r in result["overhead"]]
+    rows = result["layouts"] + result["packed"]
+    if rows:
+        out += ["", f"{'sweep layout':36} {'trials/hour':>12}"]
+        out += [f"{r['layout']:36} {r['trials_per_hour']:>12.0f}" for r in rows]
+    return "\n".join(out)
+
+
+def configure(name: str, p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", action="append", help="preset to time (repeatable; default: CPU presets on CPU, "
+                                                      "16M-221M on CUDA)")
+    p.add_argument("--quick", action="store_true", help="few steps: a smoke test, not a measurement")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores on CPU)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--vocab-size", type=int, default=None, help="default 8192 on CPU, 50304 on CUDA")
+    p.add_argument("--compile", action="store_true", help="time torch.compile'd models")
+    p.add_argument("--skip", action="append", default=[], choices=["overhead", "layouts", "packed"])
+
+
+def main(name: str, args: argparse.Namespace) -> int:
+    from .cli import UsageError
+    from .model import PRESETS
+
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    presets = args.preset or list(STUDY_PRESETS if cuda else CPU_PRESETS)
+    bad = [p for p in presets if p not in PRESETS]
+    if bad:
+        raise UsageError(f"unknown preset {bad[0]!r}; allowed: {', '.join(PRESETS)}")
+    sections = {"overhead", "layouts", "packed"} - set(args.skip)
+    result = run_perf(presets, quick=args.quick, device=args.device, precision=args.precision,
+                      threads=args.threads, batch_size=args.batch_size, seq_len=args.seq_len,
+                      vocab_size=args.vocab_size, compile_=args.compile, sections=sections,
+                      log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(format_table(result))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path}")
+    return 0

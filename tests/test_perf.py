@@ -1,0 +1,41 @@
+"""`stabench perf` in quick mode: every promised field, positive and self-consistent numbers."""
+import json
+import os
+import math
+
+from test_external_stabilizer import stabench
+
+
+def test_perf_quick_writes_consistent_json(tmp_path):
+    out = tmp_path / "perf.json"
+    r = stabench(["perf", "--quick", "--preset", "nano", "--skip", "layouts", "--json", str(out)])
+    assert r.returncode == 0, r.stderr
+    assert "MFU" in r.stdout and "overhead" in r.stdout
+    res = json.loads(out.read_text())
+    assert {"machine", "versions", "settings", "peak", "presets", "overhead"} <= set(res)
+    peak = res["peak"][res["settings"]["precision"].replace("fp32", "float32").replace("bf16", "bfloat16")]
+    assert peak["flops"] > 1e9  # any CPU of this decade does > 1 GFLOP/s
+    (row,) = res["presets"]
+    assert row["preset"] == "nano" and row["n_params"] > 0
+    assert row["step_time_p10_s"] <= row["step_time_s"] <= row["step_time_p90_s"]
+    assert math.isclose(row["tokens_per_s"] * row["step_time_s"], row["tokens_per_step"], rel_tol=1e-9)
+    assert math.isclose(row["achieved_flops"], row["flops_per_token"] * row["tokens_per_s"], rel_tol=1e-9)
+    assert math.isclose(row["mfu"], row["achieved_flops"] / peak["flops"], rel_tol=1e-9)
+    assert 0 < row["mfu"] < 1.5  # a ratio against the measured peak, not an absolute guess
+    names = {o["stabilizer"] for o in res["overhead"]}
+    assert names == {"baseline", "zloss", "softcap", "muloss", "mucentering"}
+    base = next(o for o in res["overhead"] if o["stabilizer"] == "baseline")
+    assert base["overhead"] == 0.0
+    for o in res["overhead"]:
+        assert math.isclose(o["overhead"], o["step_time_s"] / base["step_time_s"] - 1, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def test_perf_layouts_report_trials_per_hour(tmp_path):
+    out = tmp_path / "perf.json"
+    r = stabench(["perf", "--quick", "--preset", "nano", "--skip", "overhead", "--skip", "packed", "--json", str(out)])
+    assert r.returncode == 0, r.stderr
+    layouts = json.loads(out.read_text())["layouts"]
+    cores = len(os.sched_getaffinity(0))
+    assert {(l["workers"], l["threads"]) for l in layouts} >= {(1, cores), (cores, 1)}
+    for l in layouts:
+        assert math.isclose(l["trials_per_hour"], l["trials"] / l["wall_s"] * 3600, rel_tol=1e-9)
