@@ -23,6 +23,7 @@ from . import provenance, records, runtime
 from .config import RunConfig
 from .data import TokenData, load_data
 from .divergence import DivergenceMonitor
+from .losses import cross_entropy_lse
 from .model import GPT
 from .stabilizers import OUTPUT_EMBEDDING, LossInputs, Stabilizer, make_stabilizer
 
@@ -67,8 +68,8 @@ def stabilized_loss(model: GPT, stab: Stabilizer, x: torch.Tensor, y: torch.Tens
     with autocast:
         logits, hidden = model(x)
     logits = stab.transform_logits(logits.to(torch.promote_types(logits.dtype, torch.float32)))
-    lse = torch.logsumexp(logits, dim=-1)
-    ce = (lse - logits.gather(-1, y.unsqueeze(-1)).squeeze(-1)).mean()
+    ce_tok, lse = cross_entropy_lse(logits, y)
+    ce = ce_tok.mean()
     reg = None
     if type(stab).has_hook("loss_term"):
         reg = stab.loss_term(LossInputs(logits, lse, hidden, model.output_embedding))
