@@ -102,3 +102,15 @@ def test_bad_stabilizer_or_hyperparameter_is_a_clear_error(spec, hp):
     with pytest.raises(StabilizerError) as e:
         make_stabilizer(spec, **hp)
     assert spec.split(":")[0] in str(e.value) or "lam" in str(e.value) or "cap" in str(e.value)
+
+
+def test_softcap_value_and_gradient_match_the_tanh_formula():
+    from bench.stabilizers.softcap import softcap
+
+    l = (40 * torch.randn(6, 9, dtype=torch.float64)).requires_grad_()
+    out = softcap(l, 7.0)
+    torch.testing.assert_close(out, 7.0 * torch.tanh(l / 7.0))
+    assert torch.autograd.gradcheck(lambda x: softcap(x, 7.0), (l,))
+    caps = torch.tensor([2.0, 30.0], dtype=torch.float64)  # vectorized over members
+    ls = torch.randn(2, 4, 5, dtype=torch.float64) * 10
+    torch.testing.assert_close(torch.vmap(softcap)(ls, caps), torch.stack([softcap(ls[i], caps[i]) for i in range(2)]))
