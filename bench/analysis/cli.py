@@ -1,0 +1,114 @@
+"""``stabench figures``, ``stabench report`` and ``stabench leaderboard``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def configure(name: str, parser: argparse.ArgumentParser) -> None:
+    """Add the arguments of subcommand ``name`` to ``parser``."""
+    if name == "leaderboard":
+        parser.add_argument("dirs", nargs="+", metavar="DIR", help="results directories (results/<sweep>)")
+        parser.add_argument("--out", metavar="FILE", help="also write the Markdown to FILE")
+        return
+    parser.add_argument("results_dir", metavar="RESULTS_DIR", help="results directory (results/<sweep>)")
+    if name == "figures":
+        parser.add_argument("--out", metavar="DIR", help="output directory (default RESULTS_DIR/figures)")
+    else:
+        parser.add_argument("--out", metavar="FILE", help="HTML file (default RESULTS_DIR/report.html)")
+    parser.add_argument("--compare", metavar="CSV",
+                        help="published results (model, stabilizer, lam, lr, weight_tying, final_loss) "
+                             "to tabulate and draw beside the local runs")
+
+
+def _load(path: str):
+    from bench.cli import UsageError
+
+    from .results import load_results
+
+    try:
+        return load_results(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+
+def _published(path: str | None):
+    from bench.cli import UsageError
+
+    from .external import read_published
+
+    if path is None:
+        return None
+    try:
+        return read_published(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"--compare: {e}") from None
+
+
+def _figures(args: argparse.Namespace) -> int:
+    from .figures import draw_all, save_figure
+    from .tables import write_tables
+
+    res = _load(args.results_dir)
+    published = _published(args.compare)
+    out = Path(args.out) if args.out else res.path / "figures"
+    written: list[Path] = []
+    for d in draw_all(res.runs, res.curves, published):
+        if d.fig is None:
+            print(f"note: figure {d.name} skipped: {d.note}")
+            continue
+        written += save_figure(d.fig, out, d.name)
+    written += write_tables(res.runs, out)
+    if published is not None:
+        written += write_tables(published, out, suffix="_published")
+    for p in written:
+        print(f"wrote {p}")
+    for p in sorted(_known_outputs(out) - set(written)):
+        if p.is_file():  # from an earlier run whose data could show it: it would no longer match
+            p.unlink()
+            print(f"removed stale {p}")
+    print(f"{len(written)} files in {out}")
+    return 0
+
+
+def _known_outputs(out: Path) -> set[Path]:
+    """Every file name `stabench figures` can write into ``out``."""
+    from .figures import FIGURES, PUBLISHED_FIGURES
+    from .tables import TABLES
+
+    names = {out / f"{f.name}.{ext}" for f in FIGURES + PUBLISHED_FIGURES for ext in ("png", "pdf")}
+    return names | {out / f"{t.name}{suffix}.{ext}" for t in TABLES for suffix in ("", "_published")
+                    for ext in ("md", "tex")}
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    res = _load(args.results_dir)
+    published = _published(args.compare)
+    out = Path(args.out) if args.out else res.path / "report.html"
+    path = write_report(res, out, published)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); open it in a browser")
+    return 0
+
+
+def _leaderboard(args: argparse.Namespace) -> int:
+    from .leaderboard import leaderboard, to_text
+
+    boards = leaderboard([_load(d) for d in args.dirs])
+    text = to_text(boards)
+    sys.stdout.write(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+def main(name: str, args: argparse.Namespace) -> int:
+    """Run subcommand ``name``; bad input raises ``bench.cli.UsageError`` (one line, exit 2)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: never open a window
+    return {"figures": _figures, "report": _report, "leaderboard": _leaderboard}[name](args)

@@ -1,0 +1,560 @@
+"""Figures of a sweep (matplotlib object API + seaborn; no pyplot state, so any backend works).
+
+Each figure function takes a runs frame (and curves / published runs where it needs them)
+and returns a :class:`matplotlib.figure.Figure`, or raises :class:`SkipFigure` with the
+reason when the data cannot show it (one model size, no diverged run, no λ grid, …).
+Conventions: one fixed colour per stabilizer (:mod:`bench.analysis.palette`), log-scaled
+learning-rate axes, axes labelled with units, legends outside the data area.
+Losses are the treated losses of the LRS formula: a diverged or non-finite run is drawn
+at L0 with a × marker.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib as mpl
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from .metrics import lrs_table, stats_vs_lr
+from .palette import LINESTYLES, MARKERS, shades, stabilizer_colors
+from .results import format_value, model_order, prepare_runs, setting_order, stabilizer_label, stabilizer_order
+
+LR_LABEL = "peak learning rate (log scale)"
+LOSS_LABEL = "final validation loss (nats)"
+DPI = 150
+
+
+class SkipFigure(Exception):
+    """The data cannot show this figure; ``str()`` says why."""
+
+
+@contextmanager
+def style() -> Iterator[None]:
+    """seaborn's whitegrid style and paper context, for figures created inside the block."""
+    rc = {**sns.axes_style("whitegrid"), **sns.plotting_context("paper", font_scale=1.15),
+          "axes.titlesize": 11, "legend.fontsize": 9, "legend.title_fontsize": 9.5,
+          "savefig.dpi": DPI, "figure.dpi": 100, "pdf.fonttype": 42}
+    with mpl.rc_context(rc):
+        yield
+
+
+def _figure(nrows: int, ncols: int, panel: tuple[float, float] = (3.6, 2.8), extra_w: float = 2.4,
+            **subplot_kw) -> tuple[Figure, np.ndarray]:
+    fig = Figure(figsize=(panel[0] * ncols + extra_w, panel[1] * nrows + 0.6), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False, **subplot_kw)
+    return fig, axes
+
+
+def params_label(n: float) -> str:
+    """29808 → ``30k``, 3.77e6 → ``3.8M``, 1.6e7 → ``16M``."""
+    if n is None or not math.isfinite(n):
+        return "?"
+    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= div:
+            v = n / div
+            return f"{v:.2g}{suffix}" if v < 10 else f"{v:.0f}{suffix}"
+    return f"{n:.0f}"
+
+
+def model_labels(runs: pd.DataFrame) -> dict[str, str]:
+    """``nano (30k params)``; just the name when it already says the size (``16M``)."""
+    out = {}
+    for m in model_order(runs):
+        n = runs.loc[runs["model"] == m, "n_params"].max() if "n_params" in runs.columns else math.nan
+        label = params_label(n)
+        out[m] = m if label == m or not math.isfinite(n) else f"{m} ({label} params)"
+    return out
+
+
+def model_colors(models: list[str]) -> dict[str, tuple[float, float, float]]:
+    """A sequential palette over model sizes (small = light, large = dark)."""
+    pal = sns.color_palette("viridis_r", n_colors=max(len(models), 2) + 1)[1:]
+    return {m: pal[i] for i, m in enumerate(models)}
+
+
+def setting_styles(runs: pd.DataFrame) -> dict[str, dict]:
+    """Colour (the stabilizer's), line style and marker (by hyperparameter value) of each setting."""
+    colors = stabilizer_colors(runs["stabilizer"].unique())
+    out: dict[str, dict] = {}
+    seen: dict[str, int] = {}
+    stab_of = runs.drop_duplicates("setting").set_index("setting")["stabilizer"]
+    for s in setting_order(runs):
+        stab = stab_of[s]
+        k = seen.get(stab, 0)
+        seen[stab] = k + 1
+        out[s] = {"color": colors[stab], "linestyle": LINESTYLES[k % len(LINESTYLES)],
+                  "marker": MARKERS[k % len(MARKERS)]}
+    return out
+
+
+def _readable_log_ticks(axis, label: Callable[[float], str]) -> None:
+    """Plain tick labels on a log axis (``0.15``, ``30k`` instead of 1.5×10⁻¹); minor ticks are
+    labelled only when the axis spans less than one decade (else they would crowd)."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    lo, hi = axis.get_view_interval()
+    axis.set_major_formatter(FuncFormatter(lambda v, _: label(v)))
+    narrow = lo > 0 and hi / lo < 10
+    axis.set_minor_formatter(FuncFormatter(lambda v, _: label(v)) if narrow else NullFormatter())
+
+
+def _spans_decade(values: pd.Series) -> bool:
+    """True when the positive finite values span more than a factor of 10 (a log axis helps)."""
+    v = pd.to_numeric(values, errors="coerce")
+    v = v[np.isfinite(v) & (v > 0)]
+    return bool(len(v)) and float(v.max() / v.min()) > 10
+
+
+def _lr_ticks(axes: np.ndarray) -> None:
+    """Learning rates as plain numbers (0.001, 0.01, …) on every visible log-scaled lr axis."""
+    for ax in axes.flat:
+        if ax.get_visible():
+            _readable_log_ticks(ax.xaxis, "{:g}".format)
+
+
+def _legend(fig: Figure, handles: list, labels: list[str], title: str | None = None) -> None:
+    if handles:
+        fig.legend(handles, labels, loc="outside right upper", title=title, frameon=False)
+
+
+def _l0_line(ax, L0: float) -> None:
+    ax.axhline(L0, color="0.45", linestyle=(0, (4, 3)), linewidth=1.0, zorder=1)
+
+
+def _loss_top(loss: np.ndarray, failed: np.ndarray, L0: float) -> float:
+    """Top of a loss axis: L0 when it is within 3 nats of the best loss, else best + 2 nats
+    (so a large vocabulary's L0 ≈ 10.8 does not squash curves near 3; points above are clipped)."""
+    ok = loss[~failed & np.isfinite(loss)]
+    best = float(ok.min()) if ok.size else L0
+    return L0 if L0 <= best + 3.0 else best + 2.0
+
+
+def _plot_loss_curve(ax, lr: np.ndarray, loss: np.ndarray, failed: np.ndarray, top: float, se: np.ndarray | None,
+                     **line_kw) -> Line2D:
+    """A treated-loss curve: points above ``top`` drawn at the edge (▲), failed points as ×."""
+    order = np.argsort(lr)
+    lr, loss, failed = lr[order], loss[order], failed[order]
+    shown = np.minimum(loss, top)
+    (line,) = ax.plot(lr, shown, markersize=4.5, linewidth=1.6, **line_kw)
+    color = line.get_color()
+    if se is not None:
+        se = se[order]
+        ok = np.isfinite(se)
+        ax.fill_between(lr[ok], np.minimum(loss - se, top)[ok], np.minimum(loss + se, top)[ok], color=color,
+                        alpha=0.15, linewidth=0)
+    clipped = (loss > top + 1e-9) & ~failed
+    if clipped.any():
+        ax.plot(lr[clipped], shown[clipped], linestyle="none", marker="^", color=color, markersize=7, clip_on=False)
+    if failed.any():
+        ax.plot(lr[failed], shown[failed], linestyle="none", marker="x", color=color, markersize=8,
+                markeredgewidth=2, clip_on=False)
+    return line
+
+
+def _loss_by_lr(g: pd.DataFrame) -> pd.DataFrame:
+    """Per lr: mean treated loss over seeds, its SE (NaN for one seed), any failure."""
+    per_seed = g.groupby(["lr", "seed"]).agg(loss=("loss", "mean"), failed=("failed", "any")).reset_index()
+    out = per_seed.groupby("lr").agg(loss=("loss", "mean"), sd=("loss", "std"), n=("loss", "size"),
+                                     failed=("failed", "all")).reset_index()
+    out["se"] = out["sd"] / np.sqrt(out["n"])
+    return out
+
+
+def _marker_legend(runs: pd.DataFrame, top: float) -> tuple[list, list[str]]:
+    """Legend entries for the L0 line, × (failed) and ▲ (clipped) — only those the figure shows."""
+    handles, labels = [], []
+    if top >= float(runs["L0"].min()) - 1e-9:
+        handles.append(Line2D([], [], color="0.45", linestyle=(0, (4, 3))))
+        labels.append("L0 = ln V (loss at init)")
+    if runs["failed"].any():
+        handles.append(Line2D([], [], color="0.3", marker="x", linestyle="none", markersize=7, markeredgewidth=2))
+        labels.append("diverged / non-finite (= L0)" if top >= float(runs["L0"].min()) - 1e-9
+                      else "diverged / non-finite (= L0, at the edge)")
+    if ((runs["loss"] > top + 1e-9) & ~runs["failed"]).any():
+        handles.append(Line2D([], [], color="0.3", marker="^", linestyle="none", markersize=6))
+        labels.append(f"above {top:.2f} nats (clipped to the edge)")
+    return handles, labels
+
+
+# -- figures --------------------------------------------------------------------------------
+
+def loss_vs_lr(runs: pd.DataFrame, title: str = "") -> Figure:
+    """Final loss vs learning rate: a panel per stabilizer setting, a line per model size."""
+    runs = prepare_runs(runs)
+    if runs["lr"].nunique() < 2:
+        raise SkipFigure("needs at least two learning rates")
+    settings = setting_order(runs)
+    models = model_order(runs)
+    colors, labels = model_colors(models), model_labels(runs)
+    top = _loss_top(runs["loss"].to_numpy(), runs["failed"].to_numpy(), float(runs["L0"].max()))
+    nrows = math.ceil(len(settings) / 4)
+    ncols = math.ceil(len(settings) / nrows)  # balanced: 5 panels as 3 + 2, not 4 + 1
+    with style():
+        fig, axes = _figure(nrows, ncols, sharex=True, sharey=True)
+        stab_colors = stabilizer_colors(runs["stabilizer"].unique())
+        for ax, s in zip(axes.flat, settings):
+            sub = runs[runs["setting"] == s]
+            for m in models:
+                g = sub[sub["model"] == m]
+                if g.empty:
+                    continue
+                c = _loss_by_lr(g)
+                _plot_loss_curve(ax, c["lr"].to_numpy(), c["loss"].to_numpy(), c["failed"].to_numpy(), top,
+                                 c["se"].to_numpy() if (c["n"] > 1).any() else None, color=colors[m], marker="o")
+            for L0 in sub["L0"].unique():
+                _l0_line(ax, L0)
+            ax.set_title(s, color=stab_colors[sub["stabilizer"].iloc[0]], fontweight="bold")
+            ax.set_xscale("log")
+        for ax in axes.flat[len(settings):]:
+            ax.set_visible(False)
+        bottom = axes.flat[0].get_ylim()[0]
+        for ax in axes.flat:
+            ax.set_ylim(bottom, top + 0.04 * (top - bottom))
+        for ax in axes[:, 0]:
+            ax.set_ylabel(LOSS_LABEL)
+        for ax in axes[-1, :]:
+            ax.set_xlabel(LR_LABEL)
+        for i, ax in enumerate(axes.flat[:len(settings)]):  # x labels on the last visible row of each column
+            if i + ncols >= len(settings):
+                ax.set_xlabel(LR_LABEL)
+                ax.xaxis.set_tick_params(labelbottom=True)
+        _lr_ticks(axes)
+        handles = [Line2D([], [], color=colors[m], marker="o") for m in models]
+        extra_h, extra_l = _marker_legend(runs, top)
+        _legend(fig, handles + extra_h, [labels[m] for m in models] + extra_l, title="model")
+        if title:
+            fig.suptitle(title)
+    return fig
+
+
+def _per_setting_lines(ax, data: pd.DataFrame, value: str, styles: dict[str, dict]) -> None:
+    for s, g in data.groupby("setting", sort=False):
+        g = g.sort_values("lr")
+        st = styles[s]
+        ax.plot(g["lr"], g[value], color=st["color"], linestyle=st["linestyle"], marker=st["marker"],
+                markersize=4.5, linewidth=1.5)
+        bad = g[g["n_diverged"] > 0]
+        if not bad.empty:
+            ax.plot(bad["lr"], bad[value], linestyle="none", marker="x", color=st["color"], markersize=8,
+                    markeredgewidth=2)
+
+
+def _setting_legend(fig: Figure, settings: list[str], styles: dict[str, dict], diverged: bool) -> None:
+    handles = [Line2D([], [], color=styles[s]["color"], linestyle=styles[s]["linestyle"],
+                      marker=styles[s]["marker"]) for s in settings]
+    labels = list(settings)
+    if diverged:
+        handles.append(Line2D([], [], color="0.3", marker="x", linestyle="none", markersize=7, markeredgewidth=2))
+        labels.append("includes diverged runs")
+    _legend(fig, handles, labels, title="stabilizer")
+
+
+def _stat_vs_lr_figure(runs: pd.DataFrame, panels: list[tuple[str, str, str]]) -> Figure:
+    """Rows = models, columns = ``panels`` (column, y label, y scale), a line per setting."""
+    runs = prepare_runs(runs)
+    present = [p for p in panels if p[0] in runs.columns and pd.to_numeric(runs[p[0]], errors="coerce").notna().any()]
+    if not present:
+        raise SkipFigure(f"runs carry no {' / '.join(p[0] for p in panels)} (published results have final "
+                         "losses only)")
+    data = stats_vs_lr(runs, [p[0] for p in present])
+    models, labels = model_order(runs), model_labels(runs)
+    styles = setting_styles(runs)
+    with style():
+        fig, axes = _figure(len(models), len(present), panel=(4.2, 2.9), sharex=True)
+        for i, m in enumerate(models):
+            for j, (col, ylabel, yscale) in enumerate(present):
+                ax = axes[i, j]
+                _per_setting_lines(ax, data[data["model"] == m].dropna(subset=[col]), col, styles)
+                ax.set_xscale("log")
+                values = data[col].abs()
+                if yscale == "symlog":  # symlog only when diverged runs blow values up
+                    wide = values.max() > 100
+                    if wide:
+                        ax.set_yscale("symlog", linthresh=1.0)
+                else:  # log only when values span more than a decade
+                    wide = _spans_decade(values)
+                    if wide:
+                        ax.set_yscale("log")
+                        _readable_log_ticks(ax.yaxis, "{:g}".format)
+                ax.set_ylabel(ylabel.format(scale={"symlog": "symlog", "log": "log"}[yscale] + " scale"
+                                            if wide else "linear scale"))
+                ax.set_title(labels[m] if len(models) > 1 else "")
+                if i == len(models) - 1:
+                    ax.set_xlabel(LR_LABEL)
+        _lr_ticks(axes)
+        _setting_legend(fig, [s for s in setting_order(runs)], styles, bool(runs["failed"].any()))
+    return fig
+
+
+def logits_vs_lr(runs: pd.DataFrame) -> Figure:
+    """Mean logit and max |logit| (final validation batches) vs learning rate."""
+    return _stat_vs_lr_figure(runs, [("logit_mean", "mean logit (nats, {scale})", "symlog"),
+                                     ("logit_absmax", "max |logit| (nats, {scale})", "log")])
+
+
+def mu_norm_vs_lr(runs: pd.DataFrame) -> Figure:
+    """‖μ‖, the norm of the mean output-embedding row, vs learning rate."""
+    return _stat_vs_lr_figure(runs, [("mu_norm", "‖μ‖ (L2 norm, {scale})", "log")])
+
+
+def lrs_vs_size(runs: pd.DataFrame, published: pd.DataFrame | None = None) -> Figure:
+    """LRS vs model size (log-log), a line per stabilizer setting; published runs dashed beside them."""
+    runs = prepare_runs(runs)
+    sources = [("local", lrs_table(runs), runs)]
+    if published is not None and not published.empty:
+        pub = prepare_runs(published)
+        sources.append(("published", lrs_table(pub), pub))
+    all_runs = pd.concat([r for _, _, r in sources], ignore_index=True)
+    colors = stabilizer_colors(all_runs["stabilizer"].unique())
+    lines, dropped = [], 0  # (source, setting, stabilizer, style, points)
+    for src, table, r in sources:
+        styles = setting_styles(r)
+        stab_of = r.drop_duplicates("setting").set_index("setting")["stabilizer"]
+        for s in setting_order(r):
+            t = table[(table["setting"] == s) & table["n_params"].notna() & table["lrs"].notna()]
+            positive = t[t["lrs"] > 0].sort_values("n_params")
+            dropped += len(t) - len(positive)
+            if not positive.empty:
+                lines.append((src, s, stab_of[s], styles[s], positive))
+    if not any(pts["n_params"].nunique() >= 2 for *_, pts in lines):
+        raise SkipFigure("needs the LRS of one stabilizer at two or more model sizes (n_params)")
+    with style():
+        fig, axes = _figure(1, 1, panel=(5.6, 4.0), extra_w=3.2)
+        ax = axes[0, 0]
+        handles, labels = [], []
+        for src, s, stab, st, pts in lines:
+            kw = dict(color=colors[stab], marker=st["marker"],
+                      linestyle=st["linestyle"] if src == "local" else (0, (2, 2)), linewidth=1.6)
+            if src == "published":
+                kw.update(markerfacecolor="white", linewidth=1.1, alpha=0.9)
+            (line,) = ax.plot(pts["n_params"], pts["lrs"], **kw)
+            handles.append(line)
+            labels.append(s if len(sources) == 1 else f"{s} [{src}]")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        _readable_log_ticks(ax.yaxis, "{:g}".format)
+        _readable_log_ticks(ax.xaxis, params_label)
+        ax.set_xlabel("model size (parameters, log scale)")
+        ax.set_ylabel("LR sensitivity (nats, log scale)")
+        if dropped:
+            ax.set_title(f"{dropped} point(s) with LRS = 0 not shown (log axis)", fontsize=9)
+        _legend(fig, handles, labels, title="stabilizer")
+    return fig
+
+
+def lambda_sensitivity(runs: pd.DataFrame, title: str = "") -> Figure:
+    """Loss vs learning rate per λ: stabilizers with a hyperparameter grid side by side, a row per model."""
+    runs = prepare_runs(runs)
+    scalar = runs[(runs["hp_name"] != "") & ~runs["hp_name"].str.contains(",")]
+    counts = scalar.groupby("stabilizer")["hp_value"].nunique()
+    stabs = stabilizer_order([s for s in counts.index if counts[s] >= 2])
+    if not stabs:
+        raise SkipFigure("no stabilizer was run with two or more values of its hyperparameter (λ)")
+    models = [m for m in model_order(runs) if m in set(scalar[scalar["stabilizer"].isin(stabs)]["model"])]
+    labels = model_labels(runs)
+    colors = stabilizer_colors(runs["stabilizer"].unique())
+    sub_all = scalar[scalar["stabilizer"].isin(stabs)]
+    top = _loss_top(sub_all["loss"].to_numpy(), sub_all["failed"].to_numpy(), float(sub_all["L0"].max()))
+    with style():
+        fig, axes = _figure(len(models), len(stabs), panel=(4.0, 2.8), extra_w=2.6, sharex=True, sharey=True)
+        handles, leg_labels = [], []
+        for j, stab in enumerate(stabs):
+            values = sorted(scalar.loc[scalar["stabilizer"] == stab, "hp_value"].unique())
+            pal = shades(colors[stab], len(values))
+            name = scalar.loc[scalar["stabilizer"] == stab, "hp_name"].iloc[0]
+            sym = {"lam": "λ", "cap": "c"}.get(name, name)
+            for i, m in enumerate(models):
+                ax = axes[i, j]
+                for k, v in enumerate(values):
+                    g = scalar[(scalar["stabilizer"] == stab) & (scalar["model"] == m) & (scalar["hp_value"] == v)]
+                    if g.empty:
+                        continue
+                    c = _loss_by_lr(g)
+                    _plot_loss_curve(ax, c["lr"].to_numpy(), c["loss"].to_numpy(), c["failed"].to_numpy(), top,
+                                     None, color=pal[k], marker=MARKERS[k % len(MARKERS)])
+                for L0 in runs.loc[runs["model"] == m, "L0"].unique():
+                    _l0_line(ax, L0)
+                ax.set_xscale("log")
+                ax.set_title(f"{stabilizer_label(stab)} — {labels[m]}" if len(models) > 1 else stabilizer_label(stab),
+                             color=colors[stab], fontweight="bold")
+                if j == 0:
+                    ax.set_ylabel(LOSS_LABEL)
+                if i == len(models) - 1:
+                    ax.set_xlabel(LR_LABEL)
+            for k, v in enumerate(values):
+                handles.append(Line2D([], [], color=pal[k], marker=MARKERS[k % len(MARKERS)]))
+                leg_labels.append(f"{stabilizer_label(stab)} {sym}={format_value(v)}")
+        bottom = axes.flat[0].get_ylim()[0]
+        for ax in axes.flat:
+            ax.set_ylim(bottom, top + 0.04 * (top - bottom))
+        _lr_ticks(axes)
+        extra_h, extra_l = _marker_legend(sub_all, top)
+        _legend(fig, handles + extra_h, leg_labels + extra_l, title="hyperparameter")
+        if title:
+            fig.suptitle(title)
+    return fig
+
+
+def diverging_curves(runs: pd.DataFrame, curves: pd.DataFrame) -> Figure:
+    """Training loss vs step of every diverged run (from curves.parquet), coloured by stabilizer."""
+    runs = prepare_runs(runs)
+    bad = runs[runs["failed"]]
+    if bad.empty:
+        raise SkipFigure("no run diverged")
+    if curves is None or curves.empty or "run_id" not in bad.columns:
+        raise SkipFigure("no training curves (curves.parquet) for the diverged runs")
+    cur = curves[curves["run_id"].isin(bad["run_id"])]
+    if cur.empty:
+        raise SkipFigure("curves.parquet has no rows of the diverged runs")
+    colors = stabilizer_colors(runs["stabilizer"].unique())
+    styles = setting_styles(runs)
+    per_run = len(bad) <= 12
+    with style():
+        fig, axes = _figure(1, 1, panel=(6.0, 3.8), extra_w=3.4)
+        ax = axes[0, 0]
+        handles, labels = [], []
+        for r in bad.sort_values(["stabilizer", "hp", "lr", "seed"]).itertuples(index=False):
+            c = cur[cur["run_id"] == r.run_id].sort_values("step")
+            y = c["train_loss"].to_numpy(dtype=float)
+            y = np.where(np.isfinite(y) & (y > 0), y, np.nan)
+            st = styles[r.setting]
+            (line,) = ax.plot(c["step"], y, color=colors[r.stabilizer], linestyle=st["linestyle"],
+                              linewidth=1.3, alpha=0.85, marker=".")
+            if per_run:
+                handles.append(line)
+                labels.append(f"{r.setting}, {r.model}, lr={r.lr:g}, seed {r.seed}")
+            dstep = getattr(r, "diverged_step", None)
+            ok = np.isfinite(y)
+            if dstep is not None and not pd.isna(dstep) and ok.any():  # on the curve, between logged steps
+                y_at = np.exp(np.interp(dstep, c["step"].to_numpy()[ok], np.log(y[ok])))
+                ax.plot([dstep], [y_at], marker="x", color=colors[r.stabilizer], markersize=8,
+                        markeredgewidth=2, linestyle="none")
+        for L0 in bad["L0"].unique():
+            _l0_line(ax, L0)
+        if not per_run:
+            for stab in stabilizer_order(bad["stabilizer"].unique()):
+                handles.append(Line2D([], [], color=colors[stab]))
+                labels.append(stabilizer_label(stab))
+        handles += [Line2D([], [], color="0.45", linestyle=(0, (4, 3))),
+                    Line2D([], [], color="0.3", marker="x", linestyle="none", markeredgewidth=2)]
+        labels += ["L0 = ln V", "divergence detected (step)"]
+        log = _spans_decade(cur["train_loss"].abs())
+        if log:
+            ax.set_yscale("log")
+            _readable_log_ticks(ax.yaxis, "{:g}".format)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(f"training loss (nats, {'log' if log else 'linear'} scale)")
+        ax.set_title(f"{len(bad)} diverged run(s)")
+        _legend(fig, handles, labels, title="run")
+    return fig
+
+
+def divergence_map(runs: pd.DataFrame) -> Figure:
+    """Fraction of diverged runs per learning rate × stabilizer setting, a panel per model."""
+    runs = prepare_runs(runs)
+    models, labels = model_order(runs), model_labels(runs)
+    settings = setting_order(runs)
+    lrs = sorted(runs["lr"].unique())
+    with style():
+        fig, axes = _figure(1, len(models), panel=(0.55 * len(lrs) + 1.2, 0.42 * len(settings) + 1.0),
+                            extra_w=2.4 + 0.6 * len(models))
+        for j, m in enumerate(models):
+            ax = axes[0, j]
+            g = runs[runs["model"] == m]
+            agg = g.groupby(["setting", "lr"]).agg(n=("failed", "size"), k=("failed", "sum")).reset_index()
+            rate = agg.pivot(index="setting", columns="lr", values="k") / agg.pivot(index="setting", columns="lr",
+                                                                                  values="n")
+            rate = rate.reindex(index=settings, columns=lrs)
+            annot = (agg.assign(t=agg["k"].astype(int).astype(str) + "/" + agg["n"].astype(str))
+                     .pivot(index="setting", columns="lr", values="t").reindex(index=settings, columns=lrs)
+                     .fillna(""))
+            sns.heatmap(rate.astype(float), ax=ax, vmin=0, vmax=1, cmap="Reds", annot=annot.to_numpy(), fmt="",
+                        linewidths=0.5, linecolor="white", cbar=j == len(models) - 1,
+                        cbar_kws={"label": "fraction of runs diverged"}, annot_kws={"fontsize": 8},
+                        xticklabels=[f"{x:g}" for x in lrs], yticklabels=settings if j == 0 else False)
+            ax.set_xlabel("peak learning rate")
+            ax.set_ylabel("stabilizer" if j == 0 else "")
+            ax.set_title(labels[m])
+            ax.tick_params(axis="x", rotation=45)
+            ax.tick_params(axis="y", rotation=0)
+    return fig
+
+
+# -- all figures of a results directory -----------------------------------------------------
+
+@dataclass
+class FigureSpec:
+    name: str
+    caption: str
+    draw: Callable[..., Figure]
+
+
+@dataclass
+class Drawn:
+    """One figure of :func:`draw_all`: ``fig`` is None when skipped, ``note`` says why."""
+
+    name: str
+    caption: str
+    fig: Figure | None = None
+    note: str = ""
+    files: list[Path] = field(default_factory=list)
+
+
+FIGURES: tuple[FigureSpec, ...] = (
+    FigureSpec("loss_vs_lr", "Final validation loss vs peak learning rate, a panel per stabilizer setting and a "
+               "line per model size (mean over seeds, band ± SE).", lambda r, c, p: loss_vs_lr(r)),
+    FigureSpec("lrs_vs_size", "LR sensitivity vs model size (log-log); published results dashed with open "
+               "markers when given.", lambda r, c, p: lrs_vs_size(r, p)),
+    FigureSpec("lambda_sensitivity", "λ sensitivity: loss vs learning rate for each hyperparameter value, "
+               "stabilizers side by side (z-loss vs μ-loss).", lambda r, c, p: lambda_sensitivity(r)),
+    FigureSpec("logits_vs_lr", "Mean logit and max |logit| on the final validation batches vs learning rate.",
+               lambda r, c, p: logits_vs_lr(r)),
+    FigureSpec("mu_norm_vs_lr", "‖μ‖ (norm of the mean output-embedding row) at the end of training vs "
+               "learning rate.", lambda r, c, p: mu_norm_vs_lr(r)),
+    FigureSpec("divergence_map", "Divergence map: diverged runs / runs per learning rate and stabilizer setting.",
+               lambda r, c, p: divergence_map(r)),
+    FigureSpec("diverging_curves", "Training curves of the diverged runs (× marks the step where divergence "
+               "was detected).", lambda r, c, p: diverging_curves(r, c)),
+)
+PUBLISHED_FIGURES: tuple[FigureSpec, ...] = (
+    FigureSpec("loss_vs_lr_published", "Published results: final loss vs learning rate.",
+               lambda r, c, p: loss_vs_lr(p, title="published results")),
+    FigureSpec("lambda_sensitivity_published", "Published results: λ sensitivity.",
+               lambda r, c, p: lambda_sensitivity(p, title="published results")),
+)
+
+
+def draw_all(runs: pd.DataFrame, curves: pd.DataFrame | None = None,
+             published: pd.DataFrame | None = None) -> list[Drawn]:
+    """Draw every figure; a figure the data cannot show comes back with ``fig=None`` and a note."""
+    runs = prepare_runs(runs)
+    curves = curves if curves is not None else pd.DataFrame()
+    specs = FIGURES + (PUBLISHED_FIGURES if published is not None and not published.empty else ())
+    out = []
+    for spec in specs:
+        try:
+            out.append(Drawn(spec.name, spec.caption, spec.draw(runs, curves, published)))
+        except SkipFigure as e:
+            out.append(Drawn(spec.name, spec.caption, None, str(e)))
+    return out
+
+
+def save_figure(fig: Figure, out_dir: str | Path, name: str, formats: tuple[str, ...] = ("png", "pdf")
+                ) -> list[Path]:
+    """Write ``out_dir/name.<fmt>`` for each format (tight bounding box, legends included)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for f in formats:
+        path = out / f"{name}.{f}"
+        fig.savefig(path, format=f, dpi=DPI, bbox_inches="tight")
+        paths.append(path)
+    return paths
