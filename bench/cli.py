@@ -54,4 +54,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from bench.cli import main as _main  # the importable module: one UsageError class for all subcommands
+    sys.exit(_main())

@@ -1,0 +1,108 @@
+"""``stabench sweep | worker | status | launch``: the sweep engine's command line."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .storage import STORAGE_ENV
+
+STORAGE_HELP = (f"Optuna storage: a journal file path (default: <out>/journal.log), or a database URL "
+                f"such as postgresql://user:PASSWORD@host/db (default: ${STORAGE_ENV}, which keeps the "
+                "password off the command line)")
+
+
+def configure(name: str, p: argparse.ArgumentParser) -> None:
+    if name == "sweep":
+        p.add_argument("file", metavar="FILE.toml", help="sweep file (see sweeps/)")
+        p.add_argument("--workers", type=int, default=None,
+                       help="worker processes (default: one per core, or one per GPU)")
+        p.add_argument("--storage", default=None, help=STORAGE_HELP)
+        p.add_argument("--out", default=None, help="results directory (default results/<sweep name>)")
+    elif name == "worker":
+        p.add_argument("--sweep", required=True, metavar="FILE.toml", help="sweep file")
+        p.add_argument("--storage", default=None, help=STORAGE_HELP)
+        p.add_argument("--out", default=None, help="results directory (default results/<sweep name>); "
+                       "shared by all workers")
+        p.add_argument("--threads", type=int, default=None,
+                       help="intra-op threads for training (default: torch's, all usable cores)")
+        p.add_argument("--wait", action="store_true",
+                       help="stay until no trial is running anywhere (to retry those of workers that die)")
+        p.add_argument("--max-trials", type=int, default=None, help="leave after claiming this many trials")
+        p.add_argument("--no-enqueue", dest="enqueue", action="store_false",
+                       help="only take trials already queued (do not queue the sweep's missing points)")
+    elif name == "status":
+        p.add_argument("target", metavar="SWEEP", help="results directory (results/<name>) or sweep file")
+        p.add_argument("--storage", default=None, help=STORAGE_HELP)
+        p.add_argument("--out", default=None, help="results directory when SWEEP is a file")
+        p.add_argument("--full", action="store_true", help="print each failure's traceback")
+    elif name == "launch":
+        p.add_argument("backend", choices=["slurm"], help="cluster scheduler")
+        p.add_argument("--sweep", required=True, metavar="FILE.toml", help="sweep file")
+        p.add_argument("--storage", default=None, help=STORAGE_HELP)
+        p.add_argument("--array", type=int, required=True, metavar="N", help="array tasks (workers)")
+        p.add_argument("--results", default=None, metavar="DIR",
+                       help="results directory on the shared file system (default results/<sweep name>)")
+        p.add_argument("--out", default=None, metavar="SCRIPT",
+                       help="where to write the script (default <results>/trials/slurm.sh)")
+        p.add_argument("--submit", action="store_true", help="also submit it with sbatch")
+        p.add_argument("--time", default="24:00:00", help="time limit per task (default 24:00:00)")
+        p.add_argument("--partition", default=None)
+        p.add_argument("--account", default=None)
+        p.add_argument("--gpus", type=int, default=None, help="GPUs per task (default 1 for device=cuda)")
+        p.add_argument("--cpus", type=int, default=None, help="CPU cores per task (default 8 with a GPU, else 1)")
+        p.add_argument("--mem", default=None, help="memory per task, e.g. 64G")
+        p.add_argument("--max-parallel", type=int, default=None, help="at most N tasks at once")
+        p.add_argument("--setup", default="", help="shell lines before the worker (module load …; source venv)")
+
+
+def _out(spec, out: str | None) -> Path:
+    return Path(out) if out else Path("results") / spec.name
+
+
+def _positive(flag: str, value: int | None) -> None:
+    from ..cli import UsageError
+    if value is not None and value < 1:
+        raise UsageError(f"{flag} must be >= 1, got {value}")
+
+
+def main(name: str, args: argparse.Namespace) -> int:
+    from .spec import load_spec
+
+    if name == "status":
+        from .status import locate, render
+        print(render(locate(args.target, args.storage, args.out), full_errors=args.full).rstrip("\n"))
+        return 0
+    spec = load_spec(args.sweep if name in ("worker", "launch") else args.file)  # validated before anything runs
+    if name == "sweep":
+        from .local import run_local
+        _positive("--workers", args.workers)
+        p = run_local(spec, args.storage, _out(spec, args.out), args.workers)
+        return 1 if p.failed else 0
+    if name == "worker":
+        from .worker import run_worker
+        _positive("--threads", args.threads)
+        report = run_worker(spec, args.storage, _out(spec, args.out), threads=args.threads, enqueue=args.enqueue,
+                            wait=args.wait, max_trials=args.max_trials)
+        return 1 if report.failed else 0
+    if name == "launch":
+        from .slurm import SlurmOptions, slurm_script, submit
+        from .storage import mask_url
+        out = _out(spec, args.results)
+        opts = SlurmOptions(array=args.array, time=args.time, partition=args.partition, account=args.account,
+                            gpus=args.gpus, cpus=args.cpus, mem=args.mem, max_parallel=args.max_parallel,
+                            setup=args.setup)
+        text = slurm_script(spec, args.sweep, args.storage, out, opts)
+        script = Path(args.out) if args.out else out / "trials" / "slurm.sh"
+        script.parent.mkdir(parents=True, exist_ok=True)
+        (out / "trials").mkdir(parents=True, exist_ok=True)  # sbatch needs the log directory to exist
+        script.write_text(text)
+        script.chmod(0o755)
+        print(f"wrote {script}: {args.array} array task(s) of `stabench worker` for sweep {spec.name}"
+              f" (storage {mask_url(args.storage) if args.storage else 'journal ' + str(out / 'journal.log')})")
+        if args.submit:
+            job = submit(script, args.storage)
+            print(f"submitted Slurm job {job}; watch it with: stabench status {args.sweep} --out {out}")
+        else:
+            print(f"submit it on the cluster with: {STORAGE_ENV}='<storage URL>' sbatch {script}")
+        return 0
+    raise AssertionError(name)  # pragma: no cover

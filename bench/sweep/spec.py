@@ -1,0 +1,257 @@
+"""Sweep files: the TOML schema, validated (pydantic) before anything runs.
+
+A sweep file names a study, the training settings its runs share, and the grids::
+
+    name = "quick"                      # results/<name>/, Optuna study name
+    description = "..."                 # optional
+    mode = "grid"                       # "grid" (every point) or "search" (TPE over lr)
+
+    [train]                             # any RunConfig field except the grid axes
+    steps = 300                         # optimizer steps
+    warmup = 30
+    vocab_size = 2048
+    data = "synthetic"                  # or "text:PATH", "bin:PATH" (relative to the working dir)
+
+    [grid]
+    models = ["nano"]                   # model presets
+    lr = [1e-3, 1e-2, 1e-1]             # peak learning rates (per step)
+    seeds = [1]
+    weight_tying = [false]
+
+    [stabilizers]                       # spec -> its hyperparameter grids
+    baseline = {}
+    zloss.lam = [1e-4]
+    softcap.cap = [30.0]
+    "my_package.module:MyStabilizer" = { alpha = [0.5, 1.0] }
+
+    [execution]                         # how trials run (does not change what is trained)
+    checkpoint_every = 100              # steps between checkpoints; 0 = never
+    max_retries = 2                     # retries of a trial whose worker died
+    heartbeat_s = 10                    # lease renewal period (seconds)
+    lease_s = 120                       # a worker silent this long is presumed dead (seconds)
+
+    [search]                            # mode = "search" only
+    trials = 8                          # learning rates tried per stabilizer variant
+    lr_min = 1e-4
+    lr_max = 1.0
+
+Every error is a ``ConfigError`` naming the file, the key (``grid.lr[2]``) and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..config import ConfigError, RunConfig, from_dict, load_toml
+from ..model import PRESETS
+
+# RunConfig fields a sweep sets itself, and where a sweep file sets them instead of [train].
+AXES: dict[str, str] = {
+    "model": "[grid] as models = [...]",
+    "lr": "[grid] as lr = [...]",
+    "seed": "[grid] as seeds = [...]",
+    "weight_tying": "[grid] as weight_tying = [...]",
+    "stabilizer": "[stabilizers]",
+    "hparams": "[stabilizers] as <stabilizer>.<name> = [...]",
+    "sweep": "the top-level name",
+}
+TRAIN_KEYS = [f.name for f in dataclasses.fields(RunConfig) if f.name not in AXES]
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class GridSpec(_Strict):
+    """The axes crossed with every stabilizer variant."""
+
+    models: list[str] = Field(default=["micro"], min_length=1)
+    lr: list[float] | None = Field(default=None, min_length=1)  # required in grid mode
+    seeds: list[int] = Field(default=[1], min_length=1)
+    weight_tying: list[bool] = Field(default=[False], min_length=1)
+
+
+class ExecutionSpec(_Strict):
+    """How trials are run; none of it changes a trial's key."""
+
+    checkpoint_every: int = Field(default=0, ge=0)  # steps; 0 = no checkpoints
+    max_retries: int = Field(default=2, ge=0)  # retries after a worker died mid-trial
+    heartbeat_s: float = Field(default=10.0, gt=0)  # seconds between lease renewals
+    lease_s: float = Field(default=120.0, gt=0)  # seconds of silence before a trial is presumed dead
+    poll_s: float = Field(default=2.0, gt=0)  # seconds an idle worker waits before looking again
+
+
+class SearchSpec(_Strict):
+    """``mode = "search"``: TPE over the learning rate, one Optuna study per stabilizer variant."""
+
+    trials: int = Field(ge=1)  # learning rates tried per variant
+    lr_min: float = Field(gt=0)
+    lr_max: float = Field(gt=0)
+    startup_trials: int | None = Field(default=None, ge=1)  # random trials before TPE; None = trials // 3
+    seed: int = 0  # sampler seed
+
+
+class SweepSpec(_Strict):
+    """A validated sweep file. ``source`` is the file it came from (for messages)."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str = ""
+    mode: Literal["grid", "search"] = "grid"
+    train: dict[str, Any] = {}
+    grid: GridSpec = GridSpec()
+    stabilizers: dict[str, dict[str, list[float]]] = Field(min_length=1)
+    execution: ExecutionSpec = ExecutionSpec()
+    search: SearchSpec | None = None
+    source: str = Field(default="", exclude=True)
+
+    @property
+    def base_config(self) -> dict[str, Any]:
+        """RunConfig values shared by every trial."""
+        return {**self.train, "sweep": self.name}
+
+
+_SECTIONS: dict[tuple[str, ...], type[BaseModel]] = {
+    (): SweepSpec, ("grid",): GridSpec, ("execution",): ExecutionSpec, ("search",): SearchSpec}
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _pydantic_error(err: pydantic.ValidationError, source: str) -> ConfigError:
+    e = err.errors()[0]
+    loc = tuple(p for p in e["loc"] if p not in ("function-after",))
+    key, kind, msg = _format_loc(loc), e["type"], e["msg"]
+    if kind == "extra_forbidden":
+        section = _SECTIONS.get(tuple(loc[:-1]))
+        allowed = [n for n in section.model_fields if n != "source"] if section else []
+        msg = f"unknown key; allowed: {', '.join(allowed)}"
+    elif kind == "missing":
+        msg = "required key is missing"
+    elif kind == "too_short" and loc == ("stabilizers",):
+        from ..stabilizers import BUILTIN
+        msg = f"must not be empty: name at least one stabilizer ({', '.join(sorted(BUILTIN))} or 'module:Class')"
+    elif kind == "too_short":
+        msg = "must not be empty; give at least one value"
+    elif kind == "string_pattern_mismatch":
+        msg = f"{e['input']!r} is not allowed; use letters, digits, '_', '-', '.'"
+    elif "input" in e and not isinstance(e["input"], dict):
+        msg = f"{msg}; got {e['input']!r}"
+    return ConfigError(key, msg, source)
+
+
+def parse_spec(data: dict[str, Any], source: str, check_data: bool = True) -> SweepSpec:
+    """Validate sweep-file data; raises ConfigError (file, key, allowed values)."""
+    try:
+        spec = SweepSpec.model_validate({**data, "source": source})
+    except pydantic.ValidationError as err:
+        raise _pydantic_error(err, source) from None
+    _check_train(spec)
+    _check_mode(spec)
+    _check_points(spec, check_data)
+    return spec
+
+
+def load_spec(path: str | Path, check_data: bool = True) -> SweepSpec:
+    """Read and validate a sweep file. ``check_data=False`` skips the data-path check (for
+    looking at a cluster sweep on a machine without its data)."""
+    return parse_spec(load_toml(path), str(path), check_data)
+
+
+def _check_train(spec: SweepSpec) -> None:
+    for key, value in spec.train.items():
+        if key in AXES:
+            raise ConfigError(f"train.{key}", f"is set by the sweep: put it in {AXES[key]}", spec.source)
+        if key not in TRAIN_KEYS:
+            raise ConfigError(f"train.{key}", f"unknown key; allowed: {', '.join(TRAIN_KEYS)}", spec.source)
+    try:
+        from_dict(spec.base_config)
+    except ConfigError as e:
+        raise _rekey(e, f"train.{e.key}", spec.source) from None
+    every, log_every = spec.execution.checkpoint_every, spec.train.get("log_every", RunConfig.log_every)
+    if every and every % log_every:
+        raise ConfigError("execution.checkpoint_every",
+                          f"must be a multiple of train.log_every ({log_every}), got {every}", spec.source)
+
+
+def _check_mode(spec: SweepSpec) -> None:
+    if spec.mode == "grid":
+        if spec.grid.lr is None:
+            raise ConfigError("grid.lr", "required key is missing (a list of learning rates)", spec.source)
+        if spec.search is not None:
+            raise ConfigError("search", 'only allowed with mode = "search"', spec.source)
+        return
+    if spec.search is None:
+        raise ConfigError("search", 'mode = "search" needs a [search] table with trials, lr_min, lr_max',
+                          spec.source)
+    if spec.grid.lr is not None:
+        raise ConfigError("grid.lr", 'not allowed with mode = "search": the sampler chooses lr in '
+                          "[search.lr_min, search.lr_max]", spec.source)
+    if not spec.search.lr_min < spec.search.lr_max:
+        raise ConfigError("search.lr_max", f"must be > lr_min ({spec.search.lr_min:g})", spec.source)
+
+
+def _check_points(spec: SweepSpec, check_data: bool) -> None:
+    """Check every axis value once, then one full RunConfig per stabilizer variant."""
+    from ..stabilizers import StabilizerError, load_stabilizer_class, make_stabilizer
+
+    src = spec.source
+    for i, m in enumerate(spec.grid.models):
+        if m not in PRESETS:
+            raise ConfigError(f"grid.models[{i}]", f"unknown preset {m!r}; allowed: {', '.join(PRESETS)}", src)
+    for i, lr in enumerate(spec.grid.lr or []):
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ConfigError(f"grid.lr[{i}]", f"must be > 0, got {lr!r}", src)
+    for stab, grids in spec.stabilizers.items():
+        try:
+            cls = load_stabilizer_class(stab)
+        except StabilizerError as e:
+            raise ConfigError(f"stabilizers.{_quote(stab)}", str(e), src) from None
+        allowed = cls.hyperparameter_names()
+        for hp, values in grids.items():
+            key = f"stabilizers.{_quote(stab)}.{hp}"
+            if hp not in allowed:
+                raise ConfigError(key, f"{stab!r} has no hyperparameter {hp!r}; allowed: "
+                                  f"{', '.join(allowed) or '(none)'}", src)
+            if not values:
+                raise ConfigError(key, "must not be empty; give at least one value", src)
+        for hps in hparam_grid(grids):
+            try:
+                make_stabilizer(stab, **hps)
+            except StabilizerError as e:
+                raise ConfigError(f"stabilizers.{_quote(stab)}", str(e), src) from None
+    lr = (spec.grid.lr or [spec.search.lr_min])[0]
+    cfg = from_dict({**spec.base_config, "model": spec.grid.models[0], "lr": lr, "seed": spec.grid.seeds[0]})
+    if not check_data:
+        cfg = cfg.replace(data="synthetic")
+    try:
+        cfg.check()
+    except ConfigError as e:
+        raise _rekey(e, f"train.{e.key}", src) from None
+
+
+def hparam_grid(grids: dict[str, list[float]]) -> list[dict[str, float]]:
+    """Cartesian product of one stabilizer's hyperparameter grids ([{}] if it has none)."""
+    names = sorted(grids)
+    return [dict(zip(names, values)) for values in itertools.product(*(grids[n] for n in names))]
+
+
+def _rekey(e: ConfigError, key: str, source: str) -> ConfigError:
+    """The same error under the key a sweep file uses for it."""
+    prefix = f"{e.source}: {e.key}: " if e.source else f"{e.key}: "
+    return ConfigError(key, str(e)[len(prefix):], source)
+
+
+def _quote(spec: str) -> str:
+    return spec if re.fullmatch(r"[A-Za-z0-9_-]+", spec) else f'"{spec}"'

@@ -1,0 +1,158 @@
+"""A sweep worker: reap dead workers' trials, claim one, train it under a lease, record it, repeat.
+
+Runs anywhere that reaches the storage and the results directory: a local process
+(``stabench sweep``), ``stabench worker`` on any machine, or a Slurm array task. Training
+checkpoints to ``<out>/checkpoints/<key>.pt`` every ``execution.checkpoint_every`` steps, so
+a retried trial resumes where its dead worker stopped (attribute ``resumed_from_step``).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, TextIO
+
+from .. import records
+from ..config import RunConfig
+from .spec import SweepSpec
+from .storage import open_storage, redact
+from .trials import Claim, TrialQueue
+
+
+@dataclass
+class WorkerReport:
+    """What one worker did."""
+
+    completed: int = 0
+    diverged: int = 0
+    failed: int = 0
+    lost: int = 0  # trials another worker failed under us (our lease was judged expired)
+
+
+class Log:
+    """Timestamped lines ``HH:MM:SS host:pid message`` to a stream; never prints a password."""
+
+    def __init__(self, stream: TextIO | None, url: str | None):
+        self.stream, self.url = stream, url
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def __call__(self, message: str) -> None:
+        if self.stream is None:
+            return
+        line = f"{dt.datetime.now():%H:%M:%S} {self.worker} {message}"
+        print(redact(line, self.url), file=self.stream, flush=True)
+
+
+def checkpoint_path(out: Path, key: str) -> Path:
+    return Path(out) / "checkpoints" / f"{key}.pt"
+
+
+def checkpoint_step(path: Path, key: str) -> int:
+    """Step saved in the checkpoint of run ``key`` (0 if there is none usable)."""
+    if not path.exists():
+        return 0
+    import torch
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return 0
+    return int(state.get("step", 0)) if state.get("key") == key else 0
+
+
+def describe(cfg: RunConfig) -> str:
+    hp = ",".join(f"{k}={v:g}" for k, v in sorted(cfg.hparams.items()))
+    return (f"{cfg.model} {cfg.stabilizer}{f'({hp})' if hp else ''} lr={cfg.lr:g} seed={cfg.seed}"
+            f"{' tied' if cfg.weight_tying else ''}")
+
+
+class _DataCache:
+    """Token data loaded once per (spec, vocabulary) for all trials of this worker."""
+
+    def __init__(self) -> None:
+        self._data: dict[tuple[str, int], object] = {}
+
+    def __call__(self, cfg: RunConfig):
+        from ..data import load_data
+        k = (cfg.data, cfg.vocab_size)
+        if k not in self._data:
+            self._data[k] = load_data(cfg.data, cfg.vocab_size)
+        return self._data[k]
+
+
+def run_trial(queue: TrialQueue, claim: Claim, data: Callable, log: Log, threads: int | None) -> str:
+    """Train one claimed trial; returns 'completed', 'diverged', 'failed' or 'lost'."""
+    from ..trainer import train
+
+    cfg = claim.config.replace(threads=threads) if threads else claim.config
+    key, out = claim.key, queue.out
+    ckpt = checkpoint_path(out, key)
+    resumed = checkpoint_step(ckpt, key)
+    every = queue.spec.execution.checkpoint_every
+    with queue.storage.hold(claim.study, claim.trial_id, claim.number, key) as lease:
+        queue.started(claim, {"host": socket.gethostname(), "pid": os.getpid(), "threads": threads,
+                              "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                              "resumed_from_step": resumed})
+        where = f"resuming from checkpoint step {resumed}" if resumed else "start"
+        log(f"trial {claim.number} {key} {describe(cfg)}: {where}")
+        try:
+            result = train(cfg, data=data(cfg), checkpoint=ckpt if every else None, checkpoint_every=every)
+        except Exception as e:
+            tb = "".join(traceback.format_exception(e)[-6:])
+            error = redact(f"{type(e).__name__}: {e}\n{tb}", queue.storage.url)
+            queue.fail(claim, error)
+            log(f"trial {claim.number} {key}: FAILED {type(e).__name__}: {redact(str(e), queue.storage.url)}")
+            return "failed"
+        records.write_run(out, result.run, result.curve)
+        ours = queue.complete(claim, result.run, result.curve) and not lease.lost
+    run = result.run
+    if not ours:
+        log(f"trial {claim.number} {key}: another worker presumed this one dead and failed the trial; "
+            "the result is recorded once in runs.parquet all the same")
+        return "lost"
+    status = f"diverged at step {run['diverged_step']} ({run['diverged_reason']})" if run["diverged"] else "done"
+    log(f"trial {claim.number} {key}: {status}, final loss {run['final_loss']:.4f}, {run['wall_time_s']:.1f} s")
+    return "diverged" if run["diverged"] else "completed"
+
+
+def run_worker(spec: SweepSpec, storage_url: str | None, out: Path, *, threads: int | None = None,
+               gpu: int | None = None, enqueue: bool = True, wait: bool = False,
+               stream: TextIO | None = sys.stdout, max_trials: int | None = None) -> WorkerReport:
+    """Work on a sweep until nothing is queued (``wait``: until nothing is queued or running).
+
+    threads: intra-op threads for training (None: the trainer's default).
+    gpu: CUDA device index for this worker (None: the current device).
+    enqueue: queue the sweep's missing grid points first (idempotent across workers).
+    max_trials: stop after claiming this many trials.
+    """
+    if gpu is not None:
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.set_device(gpu % torch.cuda.device_count())
+    storage = open_storage(storage_url, Path(out), spec.execution)
+    log = Log(stream, storage.url)
+    queue = TrialQueue(spec, storage, Path(out))
+    if enqueue:
+        added = queue.enqueue()
+        if added:
+            log(f"queued {added} trial(s) of sweep {spec.name} in {storage.display}")
+    report, claimed, data = WorkerReport(), 0, _DataCache()
+    while max_trials is None or claimed < max_trials:
+        for message in queue.reap():
+            log(message)
+        claim = queue.claim()
+        if claim is None:
+            if wait and queue.busy():
+                time.sleep(spec.execution.poll_s)
+                continue
+            break
+        claimed += 1
+        outcome = run_trial(queue, claim, data, log, threads)
+        setattr(report, outcome, getattr(report, outcome) + 1)
+    log(f"worker done: {report.completed} completed, {report.diverged} diverged, {report.failed} failed"
+        + (f", {report.lost} lost" if report.lost else ""))
+    return report
