@@ -13,6 +13,8 @@ starts one); without it they are skipped, unless ``STABENCH_REQUIRE_POSTGRES=1``
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import signal
@@ -123,6 +125,10 @@ def test_local_sweep_with_two_workers_writes_one_row_per_grid_point(tmp_path):
     logs = "".join(p.read_text() for p in (out / "trials").glob("worker-*.log"))
     assert sum(training_starts(logs).values()) == 4
     assert not list((out / "checkpoints").glob("*.pt"))  # finished runs leave no checkpoint
+    # the sweep file and its hash travel with the results (provenance for figures and leaderboard)
+    assert (out / "sweep.toml").read_bytes() == path.read_bytes()
+    meta = json.loads((out / "sweep.json").read_text())
+    assert meta["name"] == "local" and meta["sweep_hash"] == hashlib.sha256(path.read_bytes()).hexdigest()
 
     again = stabench("sweep", str(path), "--workers", "2", cwd=tmp_path)  # re-running skips finished trials
     assert again.returncode == 0, again.stderr

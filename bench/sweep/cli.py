@@ -59,6 +59,23 @@ def _out(spec, out: str | None) -> Path:
     return Path(out) if out else Path("results") / spec.name
 
 
+def record_sweep_file(path: str, spec, out: Path) -> None:
+    """Copy the sweep file to <out>/sweep.toml and write <out>/sweep.json with its sha256 (provenance
+    for figures, report and leaderboard). Rewritten when the file changed; a changed file keeps finished
+    trials whose configs it still produces (keys are config hashes), so the hash names the latest file."""
+    import hashlib
+    import json
+    import os
+
+    data = Path(path).read_bytes()
+    meta = {"name": spec.name, "file": str(path), "sweep_hash": hashlib.sha256(data).hexdigest()}
+    out.mkdir(parents=True, exist_ok=True)
+    for name, content in (("sweep.toml", data), ("sweep.json", (json.dumps(meta, indent=2) + "\n").encode())):
+        tmp = out / f".{name}.{os.getpid()}.tmp"
+        tmp.write_bytes(content)
+        os.replace(tmp, out / name)
+
+
 def _positive(flag: str, value: int | None) -> None:
     from ..cli import UsageError
     if value is not None and value < 1:
@@ -76,11 +93,13 @@ def main(name: str, args: argparse.Namespace) -> int:
     if name == "sweep":
         from .local import run_local
         _positive("--workers", args.workers)
+        record_sweep_file(args.file, spec, _out(spec, args.out))
         p = run_local(spec, args.storage, _out(spec, args.out), args.workers)
         return 1 if p.failed else 0
     if name == "worker":
         from .worker import run_worker
         _positive("--threads", args.threads)
+        record_sweep_file(args.sweep, spec, _out(spec, args.out))
         report = run_worker(spec, args.storage, _out(spec, args.out), threads=args.threads, enqueue=args.enqueue,
                             wait=args.wait, max_trials=args.max_trials)
         return 1 if report.failed else 0
