@@ -79,6 +79,7 @@ class _Display:
                                   "failed {task.fields[failed]}"),
                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                        console=self.console, speed_estimate_period=3600, disable=not self.tty)
+        self.start, self.first_finished = time.monotonic(), first.done + first.failed
         self.task = self.bar.add_task(name, total=first.total, completed=first.done + first.failed,
                                       running=first.running, diverged=first.diverged, failed=first.failed)
         self.bar.start()
@@ -88,12 +89,26 @@ class _Display:
                         failed=p.failed)
         state = (p.done, p.running, p.diverged, p.failed)
         if not self.tty and state != self.last:
-            print(f"{p.done}/{p.total} done · running {p.running} · diverged {p.diverged} · failed {p.failed}",
-                  file=sys.stderr, flush=True)
+            print(f"{p.done}/{p.total} done · running {p.running} · diverged {p.diverged} · failed {p.failed}"
+                  f" · {self.eta(p)}", file=sys.stderr, flush=True)
         self.last = state
+
+    def eta(self, p: Progress) -> str:
+        """Elapsed time and remaining time at the mean pace of the trials finished so far."""
+        elapsed = time.monotonic() - self.start
+        finished = p.done + p.failed - self.first_finished
+        left = p.total - p.done - p.failed
+        eta = f"ETA {_clock(elapsed / finished * left)}" if finished > 0 else "ETA --:--"
+        return f"elapsed {_clock(elapsed)} · {eta}"
 
     def close(self) -> None:
         self.bar.stop()
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds + 0.5), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 def _monitor(queue: TrialQueue, display: _Display, stop: threading.Event) -> None:
