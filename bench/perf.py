@@ -168,7 +168,7 @@ def machine() -> dict[str, Any]:
 
 def run_perf(presets: list[str], *, quick: bool, device: str, precision: str, threads: int | None,
              batch_size: int, seq_len: int, vocab_size: int | None, compile_: bool,
-             sections: set[str], log=print) -> dict[str, Any]:
+             sections: set[str], overhead_preset: str | None = None, log=print) -> dict[str, Any]:
     from .data import load_data
 
     knobs = QUICK if quick else FULL
@@ -203,12 +203,22 @@ def run_perf(presets: list[str], *, quick: bool, device: str, precision: str, th
         row = preset_row(base.replace(model=name), data, knobs["steps"], knobs["warmup_steps"], peak["flops"])
         result["presets"].append(row)
     if "overhead" in sections:
-        log(f"timing stabilizer overhead on {presets[0]} (interleaved)…")
-        result["overhead"] = stabilizer_overhead(base, data, knobs["rounds"], knobs["steps"], knobs["warmup_steps"])
+        over = base.replace(model=overhead_preset or presets[0])
+        log(f"timing stabilizer overhead on {over.model} (interleaved)…")
+        result["overhead"] = stabilizer_overhead(over, data, knobs["rounds"], knobs["steps"], knobs["warmup_steps"])
+        result["settings"]["overhead_preset"] = over.model
     if "layouts" in sections and dev.type == "cpu":
         micro = base.replace(model="micro" if "micro" in presets or not quick else presets[0], threads=None)
         log(f"timing sweep layouts on {micro.model} ({knobs['layout_trials']} trials × {knobs['layout_steps']} steps)…")
         result["layouts"] = layout_throughput(micro, knobs["layout_trials"], knobs["layout_steps"], cores)
+        from .sweep.local import THREADS_PER_WORKER
+
+        default = (max(1, cores // THREADS_PER_WORKER), min(THREADS_PER_WORKER, cores))
+        best = max(result["layouts"], key=lambda r: r["trials_per_hour"])
+        row = next((r for r in result["layouts"] if (r["workers"], r["threads"]) == default), None)
+        result["default_layout"] = {
+            "workers": default[0], "threads": default[1], "best": best["layout"],
+            "default_vs_best": row["trials_per_hour"] / best["trials_per_hour"] if row else None}
         if "packed" in sections:
             result["packed"] = packed_throughput(micro, knobs["layout_trials"], knobs["layout_steps"], cores)
     return result
@@ -230,6 +240,10 @@ def format_table(result: dict[str, Any]) -> str:
     if rows:
         out += ["", f"{'sweep layout':36} {'trials/hour':>12}"]
         out += [f"{r['layout']:36} {r['trials_per_hour']:>12.0f}" for r in rows]
+    d = result.get("default_layout")
+    if d and d["default_vs_best"] is not None:
+        out.append(f"sweep default ({d['workers']} worker(s) x {d['threads']} thread(s)): "
+                   f"{d['default_vs_best']:.1%} of the best layout ({d['best']})")
     return "\n".join(out)
 
 
@@ -246,6 +260,9 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-size", type=int, default=None, help="default 8192 on CPU, 50304 on CUDA")
     p.add_argument("--compile", action="store_true", help="time torch.compile'd models")
     p.add_argument("--skip", action="append", default=[], choices=["overhead", "layouts", "packed"])
+    p.add_argument("--overhead-preset", default=None,
+                   help="preset for the stabilizer overhead (default: micro on CPU, 16M on CUDA, if timed; "
+                        "else the first preset)")
 
 
 def main(name: str, args: argparse.Namespace) -> int:
@@ -258,9 +275,12 @@ def main(name: str, args: argparse.Namespace) -> int:
     if bad:
         raise UsageError(f"unknown preset {bad[0]!r}; allowed: {', '.join(PRESETS)}")
     sections = {"overhead", "layouts", "packed"} - set(args.skip)
+    over = args.overhead_preset or next((p for p in ("micro", "16M") if p in presets), presets[0])
+    if over not in PRESETS:
+        raise UsageError(f"unknown preset {over!r}; allowed: {', '.join(PRESETS)}")
     result = run_perf(presets, quick=args.quick, device=args.device, precision=args.precision,
                       threads=args.threads, batch_size=args.batch_size, seq_len=args.seq_len,
-                      vocab_size=args.vocab_size, compile_=args.compile, sections=sections,
+                      vocab_size=args.vocab_size, compile_=args.compile, sections=sections, overhead_preset=over,
                       log=lambda m: print(m, file=sys.stderr, flush=True))
     print(format_table(result))
     if args.json:

@@ -39,3 +39,7 @@ def test_perf_layouts_report_trials_per_hour(tmp_path):
     assert {(l["workers"], l["threads"]) for l in layouts} >= {(1, cores), (cores, 1)}
     for l in layouts:
         assert math.isclose(l["trials_per_hour"], l["trials"] / l["wall_s"] * 3600, rel_tol=1e-9)
+    d = json.loads(out.read_text())["default_layout"]
+    best = max(l["trials_per_hour"] for l in layouts)
+    mine = next(l for l in layouts if (l["workers"], l["threads"]) == (d["workers"], d["threads"]))
+    assert math.isclose(d["default_vs_best"], mine["trials_per_hour"] / best, rel_tol=1e-9)
