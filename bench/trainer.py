@@ -134,6 +134,43 @@ def precision_error(model: GPT, x: torch.Tensor, autocast) -> float:
     return float((run.float() - ref.float()).abs().max())
 
 
+def build_run_record(cfg: RunConfig, model: GPT, fwd, stab: Stabilizer, val, device: torch.device, autocast,
+                     precision: str, *, best_val: float, diverged_step: int | None, reason: str, spike_score: float,
+                     steps_done: int, elapsed: float, interval_times: list[float], started_at: str) -> dict[str, Any]:
+    """Final evaluation of ``model`` and the runs.parquet row of its run (shared with packed training).
+
+    fwd: the model or its compiled wrapper (evaluation runs through it); val: validation batches;
+    best_val: lowest validation loss so far (the final evaluation is taken into account here).
+    """
+    final = evaluate(fwd, stab, val, device, autocast)
+    emb = embedding_stats(model, final["hidden_mean"])
+    if math.isfinite(final["val_loss"]):
+        best_val = min(best_val, final["val_loss"])
+    step_time = statistics.median(interval_times) if interval_times else float("nan")
+    hp = {k: float(v) for k, v in make_stabilizer(cfg.stabilizer, **cfg.hparams).hyperparameters().items()}
+    return {
+        "run_id": cfg.key(), "sweep": cfg.sweep, "model": cfg.model, "n_params": model.n_params,
+        "vocab_size": cfg.vocab_size, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
+        "steps": cfg.steps, "warmup": cfg.warmup, "stabilizer": cfg.stabilizer,
+        "lam": hp.get("lam"), "cap": hp.get("cap"), "hparams": json.dumps(hp, sort_keys=True),
+        "lr": cfg.lr, "seed": cfg.seed, "data_seed": cfg.resolved_data_seed, "weight_tying": cfg.weight_tying,
+        "precision": precision, "data": cfg.data, "L0": cfg.L0,
+        "final_loss": final["val_loss"], "best_val_loss": best_val if math.isfinite(best_val) else float("nan"),
+        "diverged": diverged_step is not None, "diverged_step": diverged_step, "diverged_reason": reason,
+        "spike_score": spike_score, "steps_done": steps_done,
+        "logit_mean": final["logit_mean"], "logit_std": final["logit_std"],
+        "logit_absmax": final["logit_absmax"], "mean_log2z": final["mean_log2z"],
+        **{k: emb[k] for k in ("mu_norm", "isotropy", "mu_hidden_cos")},
+        "logit_precision_error": precision_error(model, val[0][0].to(device), autocast),
+        "wall_time_s": elapsed, "step_time_s": step_time,
+        "tokens_per_s": cfg.batch_size * cfg.seq_len / step_time if step_time > 0 else float("nan"),
+        "device": provenance.device_name(device), "threads": torch.get_num_threads(),
+        **{k: v for k, v in provenance.versions().items() if k != "python"},
+        "started_at": started_at, "config": json.dumps(cfg.to_dict(), sort_keys=True, default=str),
+        "schema_version": records.SCHEMA_VERSION,
+    }
+
+
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -311,33 +348,9 @@ def train(cfg: RunConfig, *, data: TokenData | None = None, checkpoint: str | Pa
         t_interval = time.perf_counter()
     bar.close()
 
-    final = evaluate(fwd, stab, val, device, autocast)
-    emb = embedding_stats(model, final["hidden_mean"])
-    if math.isfinite(final["val_loss"]):
-        best_val = min(best_val, final["val_loss"])
-    step_time = statistics.median(interval_times) if interval_times else float("nan")
-    hp = {k: float(v) for k, v in make_stabilizer(cfg.stabilizer, **cfg.hparams).hyperparameters().items()}
-    run = {
-        "run_id": cfg.key(), "sweep": cfg.sweep, "model": cfg.model, "n_params": model.n_params,
-        "vocab_size": cfg.vocab_size, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
-        "steps": cfg.steps, "warmup": cfg.warmup, "stabilizer": cfg.stabilizer,
-        "lam": hp.get("lam"), "cap": hp.get("cap"), "hparams": json.dumps(hp, sort_keys=True),
-        "lr": cfg.lr, "seed": cfg.seed, "data_seed": cfg.resolved_data_seed, "weight_tying": cfg.weight_tying,
-        "precision": precision, "data": cfg.data, "L0": cfg.L0,
-        "final_loss": final["val_loss"], "best_val_loss": best_val if math.isfinite(best_val) else float("nan"),
-        "diverged": diverged_step is not None, "diverged_step": diverged_step, "diverged_reason": reason,
-        "spike_score": monitor.spike_score, "steps_done": step,
-        "logit_mean": final["logit_mean"], "logit_std": final["logit_std"],
-        "logit_absmax": final["logit_absmax"], "mean_log2z": final["mean_log2z"],
-        **{k: emb[k] for k in ("mu_norm", "isotropy", "mu_hidden_cos")},
-        "logit_precision_error": precision_error(model, val[0][0].to(device), autocast),
-        "wall_time_s": elapsed, "step_time_s": step_time,
-        "tokens_per_s": cfg.batch_size * cfg.seq_len / step_time if step_time > 0 else float("nan"),
-        "device": provenance.device_name(device), "threads": torch.get_num_threads(),
-        **{k: v for k, v in provenance.versions().items() if k != "python"},
-        "started_at": started_at, "config": json.dumps(cfg.to_dict(), sort_keys=True, default=str),
-        "schema_version": records.SCHEMA_VERSION,
-    }
+    run = build_run_record(cfg, model, fwd, stab, val, device, autocast, precision, best_val=best_val,
+                           diverged_step=diverged_step, reason=reason, spike_score=monitor.spike_score,
+                           steps_done=step, elapsed=elapsed, interval_times=interval_times, started_at=started_at)
     if ckpt is not None and ckpt.exists():
         ckpt.unlink()
     return RunResult(run, curve)
