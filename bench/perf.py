@@ -161,7 +161,7 @@ def packed_throughput(base: RunConfig, n_trials: int, steps: int, cores: int) ->
 
 
 def machine() -> dict[str, Any]:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+    return {"platform": platform.platform(), "processor": provenance.cpu_model(),
             "cpu_count": os.cpu_count(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "cpu_native_bf16": provenance.cpu_supports_bf16(), "allocator_tuned": runtime.tune_allocator()}
 
