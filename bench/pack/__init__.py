@@ -1,0 +1,26 @@
+"""Packed training: K compatible sweep points trained as one model stacked along a member dim.
+
+- ``train_pack(cfgs)`` → one ``RunResult`` per config, as ``train(cfg)`` would return it
+  (engine.py);
+- ``pack_key(cfg)`` / ``group_into_packs(cfgs, k)``: which configs can share a pack
+  (grouping.py);
+- ``measure_pack_throughput(...)``: trials/hour packed vs unpacked (throughput.py).
+
+Inside: batched_model.py (the GPT as a function of stacked parameters), store.py (the
+members' parameters as rows of one flat buffer), optim.py (AdamW + clipping per row),
+hooks.py (stabilizer hooks vmapped over per-member hyperparameters), record.py (curve rows;
+run rows are ``trainer.build_run_record``), step.py (one step's gradients: batched body,
+member-chunked loss head).
+"""
+from .engine import train_pack
+from .grouping import SHARED_FIELDS, auto_pack_size, group_into_packs, pack_key
+
+__all__ = ["train_pack", "pack_key", "group_into_packs", "auto_pack_size", "SHARED_FIELDS",
+           "measure_pack_throughput"]
+
+
+def __getattr__(name):
+    if name == "measure_pack_throughput":
+        from .throughput import measure_pack_throughput
+        return measure_pack_throughput
+    raise AttributeError(name)

@@ -1,0 +1,71 @@
+"""Which sweep points can share a pack, and how a list of them is cut into packs.
+
+Members of a pack share one forward pass structure, one batch per step and one
+logging/evaluation schedule; they may differ in everything a member owns: ``lr``,
+``min_lr``, stabilizer hyperparameters, ``seed`` (initialization), AdamW's betas / eps /
+weight decay, ``grad_clip``, the divergence rules and the sweep name.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Hashable
+
+from ..config import RunConfig
+
+# RunConfig fields that must be equal within a pack (besides the resolved data seed).
+SHARED_FIELDS = (
+    "model", "vocab_size", "seq_len", "weight_tying",        # architecture
+    "data", "batch_size", "steps", "warmup",                 # data and schedule length
+    "eval_every", "eval_batches", "log_every",               # what is recorded when
+    "precision", "stabilizer",                               # numerics, hook code
+    "micro_batch_size", "device", "threads",                 # how the one process runs
+)
+
+# Pack size chosen by ``k="auto"``: measured on a 2-core AVX2 CPU (see bench/pack/throughput.py);
+# larger packs only add memory once the cores are busy.
+AUTO_K_CPU = 8
+AUTO_K_CUDA = 32
+
+
+def pack_key(cfg: RunConfig) -> tuple[Hashable, ...]:
+    """Configs with equal keys can be trained as members of one pack (``train_pack``)."""
+    return tuple(getattr(cfg, f) for f in SHARED_FIELDS) + (cfg.resolved_data_seed,)
+
+
+def auto_pack_size(cfg: RunConfig) -> int:
+    return AUTO_K_CUDA if cfg.device == "cuda" else AUTO_K_CPU
+
+
+def group_into_packs(cfgs: list[RunConfig], k: int | str = "auto") -> list[list[RunConfig]]:
+    """Group compatible configs (equal ``pack_key``) into packs of at most ``k`` members.
+
+    Order is kept: packs appear in the order of their first config, members in input order.
+    A group of n configs becomes ceil(n / k) packs of near-equal size (10 with k = 8:
+    5 + 5, not 8 + 2), since a pack's step costs about the same per member at any K.
+    ``k = "auto"`` picks ``auto_pack_size``; ``k = 1`` gives one config per pack.
+    """
+    groups: OrderedDict[tuple, list[RunConfig]] = OrderedDict()
+    for c in cfgs:
+        groups.setdefault(pack_key(c), []).append(c)
+    packs = []
+    for members in groups.values():
+        size = auto_pack_size(members[0]) if k == "auto" else int(k)
+        if size < 1:
+            raise ValueError(f"pack size must be >= 1 or 'auto', got {k!r}")
+        n_packs = math.ceil(len(members) / size)
+        base, extra = divmod(len(members), n_packs)
+        start = 0
+        for i in range(n_packs):
+            n = base + (i < extra)
+            packs.append(members[start:start + n])
+            start += n
+    return packs
+
+
+def describe_mismatch(cfgs: list[RunConfig]) -> str:
+    """Human-readable list of shared fields on which ``cfgs`` disagree ('' if none)."""
+    bad = [f for f in SHARED_FIELDS if len({getattr(c, f) for c in cfgs}) > 1]
+    if len({c.resolved_data_seed for c in cfgs}) > 1:
+        bad.append("data seed (data_seed, or seed when data_seed is unset)")
+    return ", ".join(bad)

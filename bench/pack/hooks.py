@@ -1,0 +1,115 @@
+"""Run one-member stabilizer hooks for K members at once (vmap over per-member hyperparameters).
+
+A stabilizer is a frozen dataclass whose fields are hyperparameters, and its hooks are
+pure tensor functions (see ``bench.stabilizers.base``). Members of a pack share the class;
+a field on which they disagree becomes a (K,) tensor, and the engine calls the unchanged
+hook under ``torch.vmap`` with that field as a 0-d tensor of each member. Fields on which
+all members agree stay the plain Python values, so such a hook computes exactly what it
+computes in a single run.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import torch
+
+from ..stabilizers import OUTPUT_EMBEDDING, Stabilizer, make_stabilizer
+from ..trainer import stabilized_loss
+
+
+class PackError(RuntimeError):
+    """Configs that cannot be trained as one pack."""
+
+
+def _instance(cls: type[Stabilizer], values: dict[str, Any]) -> Stabilizer:
+    """A ``cls`` with these field values, built without ``__post_init__``.
+
+    Every member's values were validated when its own stabilizer was made; validation of
+    a vmapped 0-d tensor could only fail (``float(tensor)`` inside vmap is not allowed).
+    """
+    obj = object.__new__(cls)
+    for name, value in values.items():
+        object.__setattr__(obj, name, value)
+    return obj
+
+
+class _Outputs:
+    """Stands in for the model inside ``stabilized_loss``: returns forward outputs computed already."""
+
+    def __init__(self, logits: torch.Tensor, hidden: torch.Tensor, output_embedding: torch.Tensor):
+        self.logits, self.hidden, self.output_embedding = logits, hidden, output_embedding
+
+    def __call__(self, x):
+        return self.logits, self.hidden
+
+
+class PackedStabilizer:
+    """The members' stabilizers (one class, per-member hyperparameters) applied to stacked tensors."""
+
+    def __init__(self, spec: str, hparams: list[dict[str, float]], dtype: torch.dtype, device: torch.device):
+        self.members = [make_stabilizer(spec, **hp) for hp in hparams]
+        self.cls = type(self.members[0])
+        values = [s.hyperparameters() for s in self.members]
+        names = list(values[0])
+        self.shared = {n: values[0][n] for n in names if all(v[n] == values[0][n] for v in values)}
+        self.varying = [n for n in names if n not in self.shared]
+        self._dtype, self._device = dtype, device
+        self._values = values
+        self.tensors: tuple[torch.Tensor, ...] = ()
+        self.select(list(range(len(values))))
+        self.has_after_step = self.cls.has_hook("after_step")
+
+    def select(self, keep: list[int]) -> None:
+        """Keep members ``keep`` (positions in the current order)."""
+        self._values = [self._values[i] for i in keep]
+        self.members = [self.members[i] for i in keep]
+        self.tensors = tuple(torch.tensor([float(v[n]) for v in self._values], dtype=self._dtype, device=self._device)
+                             for n in self.varying)
+
+    @contextmanager
+    def _vmap_errors(self, hooks: str):
+        """Name the stabilizer when its hooks cannot run under vmap (e.g. ``.item()`` or ``if tensor:``)."""
+        try:
+            yield
+        except RuntimeError as e:
+            if "vmap" not in str(e) and "Batched" not in str(e):
+                raise
+            raise PackError(f"stabilizer {self.cls.__name__}: {hooks} cannot be vectorized over pack members "
+                            f"({e}); hooks must be pure tensor functions, or train these configs unpacked "
+                            "(pack size 1)") from e
+
+    def _member(self, varying: tuple) -> Stabilizer:
+        return _instance(self.cls, {**self.shared, **dict(zip(self.varying, varying))})
+
+    def loss(self, logits: torch.Tensor, hidden: torch.Tensor, output_embedding: torch.Tensor,
+             y: torch.Tensor, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-member ``stabilized_loss`` on stacked forward outputs of members ``rows``.
+
+        logits (n, B, T, V), hidden (n, B, T, H), output_embedding (n, V, H), y (B, T) shared.
+        Returns ce (n,), reg (n,), transformed logits (n, B, T, V) and lse (n, B, T).
+        """
+        def one(logits, hidden, E, varying):
+            ce, reg, lt, lse, _ = stabilized_loss(_Outputs(logits, hidden, E), self._member(varying), None, y,
+                                                  nullcontext())
+            return ce, reg, lt, lse
+
+        with self._vmap_errors("transform_logits / loss_term"):
+            return torch.vmap(one)(logits, hidden, output_embedding, tuple(t[rows] for t in self.tensors))
+
+    @torch.no_grad()
+    def after_step(self, params: dict[str, torch.Tensor], output_embedding_name: str) -> None:
+        """Apply every member's ``after_step`` to the stacked parameters, in place."""
+        if not self.has_after_step:
+            return
+        named = {n: p.detach() for n, p in params.items()}
+        named[OUTPUT_EMBEDDING] = named[output_embedding_name]
+
+        def one(ps, varying):
+            return self._member(varying).after_step(ps)
+
+        with self._vmap_errors("after_step"):
+            new = torch.vmap(one)(named, self.tensors)
+        for name, value in new.items():
+            target = named[output_embedding_name if name == OUTPUT_EMBEDDING else name]
+            target.copy_(value)

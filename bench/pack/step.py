@@ -1,0 +1,93 @@
+"""One training step's gradients for a whole pack: batched body, member-chunked loss head.
+
+The body (embedding and blocks) runs batched over all K members. The loss head — logits
+E·h (B, T, V) per member, the stabilizer's transform and loss term, the cross-entropy —
+is most of a small model's work and memory (V ≫ H), so it runs in chunks of members
+whose logits fit ``HEAD_BYTES``, each chunk's forward immediately followed by its
+backward. This bounds the memory of a pack: unchunked, a K = 16 ``micro`` pack with
+V = 8192 would hold 3 × 256 MiB of logits-sized buffers (logits, log-softmax, gradient)
+at once, chunked it holds 3 × 16 MiB, and a chunk's logits stay cache-sized like an
+unpacked run's. (Speed per member was measured equal, chunked or not, on the 2-core
+CPU at 1 thread.) The chunks' gradients with respect to h are then back-propagated
+through the body in one batched pass. Per member this is the computation of
+``trainer.stabilized_loss`` + ``backward``.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..model import ModelConfig
+from .batched_model import _linear, packed_features
+from .hooks import PackedStabilizer
+from .store import FlatParams
+
+HEAD_BYTES = 16 << 20  # logits per head chunk: about half the L3 cache of the 2-core machine
+
+
+def head_chunk(n_members: int, tokens: int, vocab: int, itemsize: int = 4) -> int:
+    """Members per head chunk: as many as fit HEAD_BYTES of logits, at least 1."""
+    return max(1, min(n_members, HEAD_BYTES // max(tokens * vocab * itemsize, 1)))
+
+
+class PackStep:
+    """Computes every member's gradient of one batch into ``store.grad`` (no optimizer step)."""
+
+    def __init__(self, mcfg: ModelConfig, store: FlatParams, stab: PackedStabilizer, e_name: str,
+                 autocast, cos: torch.Tensor, sin: torch.Tensor):
+        self.mcfg, self.store, self.stab, self.e_name = mcfg, store, stab, e_name
+        self.autocast, self.cos, self.sin = autocast, cos, sin
+        self.tied = mcfg.weight_tying
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, n_micro: int, stats: bool):
+        """Gradients of mean-over-micro-batches (ce + reg) per member for batch (x, y) of shape (B, T).
+
+        Returns ce (K,), reg (K,) averaged over micro-batches, and when ``stats`` the last
+        micro-batch's per-member logit mean, |logit| max and mean (log Z)², each (K,).
+        """
+        store, mcfg = self.store, self.mcfg
+        params = store.params
+        names = [s.name for s in store.slots]
+        body_names = names[1:] + ([self.e_name] if self.tied else [])
+        K, B, T, V = store.k, x.shape[0], x.shape[1], mcfg.vocab_size
+        mb = B // n_micro
+        kc = head_chunk(K, mb * T, V)
+        g_e = store.grad_columns([self.e_name])
+        g_body = store.grad_columns(names[1:])
+        ce_acc = reg_acc = 0.0
+        out_stats = None
+        for i in range(n_micro):
+            xs, ys = x[i * mb:(i + 1) * mb], y[i * mb:(i + 1) * mb]
+            with self.autocast:
+                h = packed_features(mcfg, params, xs, self.cos, self.sin)  # (K, mb·T, H)
+            E = params[self.e_name].detach()
+            dh = torch.empty_like(h)
+            ces, regs, st = [], [], []
+            for c0 in range(0, K, kc):
+                rows = slice(c0, min(c0 + kc, K))
+                hc = h[rows].detach().requires_grad_()
+                Ec = E[rows].requires_grad_()
+                with self.autocast:
+                    logits = _linear(hc, Ec)
+                n = logits.shape[0]
+                ce, reg, lt, lse = self.stab.loss(logits.view(n, mb, T, V), hc.view(n, mb, T, -1), Ec, ys, rows)
+                gh, gE = torch.autograd.grad(((ce + reg) / n_micro).sum(), [hc, Ec])
+                dh[rows] = gh
+                FlatParams.write_grads(g_e[rows], [gE], add=i > 0)
+                ces.append(ce.detach())
+                regs.append(reg.detach())
+                if stats and i == n_micro - 1:
+                    with torch.no_grad():
+                        st.append(torch.stack([lt.mean(dim=(1, 2, 3)), lt.abs().amax(dim=(1, 2, 3)),
+                                               lse.square().mean(dim=(1, 2))], dim=1))
+                del logits, lt, lse, ce, reg
+            leaves = [params[n] for n in body_names]
+            grads = torch.autograd.grad(h, leaves, grad_outputs=dh)
+            if self.tied:  # the token embedding is E: its body gradient adds to the head's
+                *grads, g_wte = grads
+                g_e += g_wte.reshape(K, -1)
+            FlatParams.write_grads(g_body, list(grads), add=i > 0)
+            ce_acc = ce_acc + torch.cat(ces) / n_micro
+            reg_acc = reg_acc + torch.cat(regs) / n_micro
+            if st:
+                out_stats = torch.cat(st)
+        return ce_acc, reg_acc, out_stats
