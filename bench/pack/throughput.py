@@ -48,29 +48,34 @@ def _data(cfg: RunConfig):
     return _DATA[key]
 
 
-def _job(job: tuple[str, list[dict[str, Any]]]) -> int:
-    """Run one unpacked trial or one pack in a worker; returns the number of diverged trials."""
+def _job(job: tuple[str, list[dict[str, Any]]]) -> float:
+    """Run unpacked trials or one pack in a worker; returns the CPU seconds it used (all threads)."""
     kind, dicts = job
     cfgs = [from_dict(d) for d in dicts]
     data = _data(cfgs[0])
+    cpu = time.process_time()
     if kind == "unpacked":
         from ..trainer import train
 
-        return sum(train(c, data=data).run["diverged"] for c in cfgs)
-    from .engine import train_pack
+        for c in cfgs:
+            train(c, data=data)
+    else:
+        from .engine import train_pack
 
-    return sum(r.run["diverged"] for r in train_pack(cfgs, data=data))
+        train_pack(cfgs, data=data)
+    return time.process_time() - cpu
 
 
-def _time_layout(workers: int, threads: int, jobs: list[tuple[str, list[dict]]], warm: list[dict]) -> float:
-    """Wall time of ``jobs`` on ``workers`` fresh worker processes, all warmed up before the clock starts."""
+def _time_layout(workers: int, threads: int, jobs: list[tuple[str, list[dict]]],
+                 warm: list[dict]) -> tuple[float, float]:
+    """Wall time and total worker CPU time of ``jobs`` on ``workers`` fresh, warmed-up worker processes."""
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(workers + 1)
     with ctx.Pool(workers, initializer=_init_worker, initargs=(threads, warm, barrier)) as pool:
         barrier.wait()
         t = time.perf_counter()
-        pool.map(_job, jobs, chunksize=1)
-        return time.perf_counter() - t
+        cpu = pool.map(_job, jobs, chunksize=1)
+        return time.perf_counter() - t, sum(cpu)
 
 
 def trial_configs(base: RunConfig, n_trials: int, steps: int, threads: int) -> list[RunConfig]:
@@ -90,8 +95,11 @@ def measure_pack_throughput(base: RunConfig | str, k: int | None = None, steps: 
     as ``stabench perf`` on a CPU). k: pack size (default: n_trials / cores, at most 16, or 8).
     steps: per trial (default 300). n_trials: trials per layout; by default each worker gets
     two unpacked trials, or one pack of k trials. cores: default the usable cores.
-    Returns one row per layout (keys: layout, workers, threads, k, trials, steps, wall_s —
-    the median over rounds —, walls, trials_per_hour), the shape of ``stabench perf``'s rows.
+    Returns one row per layout (keys: layout, workers, threads, k, trials, steps, wall_s and
+    cpu_s — medians over rounds —, walls, cpus, trials_per_hour = trials / wall time, and
+    trials_per_hour_cpu = trials / (CPU time / cores): the rate on otherwise idle cores,
+    which other processes on a shared machine disturb much less), the shape of
+    ``stabench perf``'s rows.
     """
     from .grouping import group_into_packs
 
@@ -118,27 +126,31 @@ def measure_pack_throughput(base: RunConfig | str, k: int | None = None, steps: 
             if log:
                 log(f"{name}: {n} trials of {base.model} ({steps} steps) as {len(jobs)} job(s) "
                     f"on {workers} worker(s) x {threads} thread(s)…")
-            wall = _time_layout(workers, threads, jobs, [c.to_dict() for c in cfgs[:2]])
+            wall, cpu = _time_layout(workers, threads, jobs, [c.to_dict() for c in cfgs[:2]])
             row = rows.setdefault(name, {"layout": f"{kind} {workers} worker(s) x {threads} thread(s)"
                                          + (f", K={k}" if kind == "packed" else ""),
                                          "workers": workers, "threads": threads, "k": k if kind == "packed" else 1,
-                                         "trials": n, "steps": steps, "walls": []})
+                                         "trials": n, "steps": steps, "walls": [], "cpus": []})
             row["walls"].append(wall)
+            row["cpus"].append(cpu)
             if log:
-                log(f"  {wall:.1f} s, {n / wall * 3600:.0f} trials/hour")
+                log(f"  {wall:.1f} s wall, {cpu:.1f} s CPU: {n / wall * 3600:.0f} trials/hour")
     for row in rows.values():
         row["wall_s"] = statistics.median(row["walls"])
+        row["cpu_s"] = statistics.median(row["cpus"])
         row["trials_per_hour"] = row["trials"] / row["wall_s"] * 3600
+        # what the layout would reach on idle cores: its CPU time spread over all of them
+        row["trials_per_hour_cpu"] = row["trials"] / row["cpu_s"] * 3600 * cores
     return list(rows.values())
 
 
-def speedup(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Best packed vs best unpacked trials/hour among ``rows`` (of one measurement)."""
+def speedup(rows: list[dict[str, Any]], rate: str = "trials_per_hour") -> dict[str, Any]:
+    """Best packed vs best unpacked ``rate`` among ``rows`` (of one measurement)."""
     packed = [r for r in rows if r["layout"].startswith("packed")]
     unpacked = [r for r in rows if r["layout"].startswith("unpacked")]
-    best_p = max(packed, key=lambda r: r["trials_per_hour"]) if packed else None
-    best_u = max(unpacked, key=lambda r: r["trials_per_hour"]) if unpacked else None
+    best_p = max(packed, key=lambda r: r[rate]) if packed else None
+    best_u = max(unpacked, key=lambda r: r[rate]) if unpacked else None
     out = {"best_packed": best_p, "best_unpacked": best_u}
     if best_p and best_u:
-        out["factor"] = best_p["trials_per_hour"] / best_u["trials_per_hour"]
+        out["factor"] = best_p[rate] / best_u[rate]
     return out
