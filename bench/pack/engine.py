@@ -100,9 +100,9 @@ def train_pack(cfgs: list[RunConfig], *, data: TokenData | None = None, progress
         m = members[active[row]]
         model = member_model(row)
         run = build_run_record(m.cfg, model, model, stab.members[row], val, device, autocast, precision,
-                               best_val=m.best_val, diverged_step=m.diverged_step, reason=m.reason, spike_score=m.monitor.spike_score,
-                               steps_done=steps_done, elapsed=m.elapsed, interval_times=m.interval_times,
-                               started_at=started_at)
+                               best_val=m.best_val, diverged_step=m.diverged_step, reason=m.reason,
+                               spike_score=m.monitor.spike_score, steps_done=steps_done, elapsed=m.elapsed,
+                               interval_times=m.interval_times, started_at=started_at)
         results[active[row]] = RunResult(run, m.curve)
 
     pending: list[torch.Tensor] = []  # (3, K) per step: ce, reg, grad norm; read at the log cadence

@@ -82,8 +82,8 @@ class PackedStabilizer:
     def _member(self, varying: tuple) -> Stabilizer:
         return _instance(self.cls, {**self.shared, **dict(zip(self.varying, varying))})
 
-    def loss(self, logits: torch.Tensor, hidden: torch.Tensor, output_embedding: torch.Tensor,
-             y: torch.Tensor, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def loss(self, logits: torch.Tensor, hidden: torch.Tensor, output_embedding: torch.Tensor, y: torch.Tensor,
+             rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-member ``stabilized_loss`` on stacked forward outputs of members ``rows``.
 
         logits (n, B, T, V), hidden (n, B, T, H), output_embedding (n, V, H), y (B, T) shared.

@@ -9,9 +9,10 @@ each with the data loaded, as sweep workers are):
 - ``packed C×1``: one single-threaded worker per core, each training packs.
 
 Trials are one base config with learning rates spread like ``stabench perf``'s layout
-trials and one data seed (so that they can share packs); trials/hour is trials / wall time. With ``rounds > 1`` the layouts are measured in turn, round after round, so
-that load from other processes on a shared machine hits all of them alike; a layout's
-figure is its median over rounds.
+trials and one data seed (so that they can share packs); trials/hour is trials / wall
+time. With ``rounds > 1`` the layouts are measured in turn, round after round, so that
+load from other processes on a shared machine hits all of them alike; a layout's figure
+is its median over rounds. ``python -m bench.pack.throughput PRESET`` runs all four.
 """
 from __future__ import annotations
 
@@ -154,3 +155,49 @@ def speedup(rows: list[dict[str, Any]], rate: str = "trials_per_hour") -> dict[s
     if best_p and best_u:
         out["factor"] = best_p[rate] / best_u[rate]
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.pack.throughput PRESET``: all four layouts, interleaved round after round."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m bench.pack.throughput", description=main.__doc__)
+    p.add_argument("preset")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--k", default="4,8", help="pack sizes measured in both packed layouts (comma-separated)")
+    p.add_argument("--k-1xC", dest="k_1xc", default="16", help="extra pack sizes measured with 1 worker only")
+    p.add_argument("--json", metavar="PATH")
+    args = p.parse_args(argv)
+    base = from_dict(dict(model=args.preset, vocab_size=args.vocab_size, batch_size=8, seq_len=64, precision="fp32",
+                          warmup=10, lr=3e-3, data="synthetic:tokens=200000")).check()
+    plan = [(int(k), ("packed 1xC", "packed Cx1")) for k in filter(None, args.k.split(","))]
+    plan += [(int(k), ("packed 1xC",)) for k in filter(None, args.k_1xc.split(","))]
+    res: dict[str, dict[str, Any]] = {}
+    for _ in range(args.rounds):
+        rows = measure_pack_throughput(base, 8, args.steps, layouts=("unpacked 1xC", "unpacked Cx1"), log=print)
+        for k, lays in plan:
+            rows += measure_pack_throughput(base, k, args.steps, layouts=lays, log=print)
+        for row in rows:
+            e = res.setdefault(row["layout"], {**row, "rates": [], "rates_cpu": []})
+            e["rates"].append(row["trials_per_hour"])
+            e["rates_cpu"].append(row["trials_per_hour_cpu"])
+    print(f"\n{args.preset}, V={args.vocab_size}, {args.steps} steps/trial, median of {args.rounds} round(s):")
+    for name, e in res.items():
+        e["trials_per_hour"] = statistics.median(e["rates"])
+        e["trials_per_hour_cpu"] = statistics.median(e["rates_cpu"])
+        print(f"  {name:46} {e['trials_per_hour']:7.0f} trials/h (wall)  {e['trials_per_hour_cpu']:7.0f} (CPU-based)")
+    for rate in ("trials_per_hour", "trials_per_hour_cpu"):
+        s = speedup(list(res.values()), rate)
+        print(f"{rate}: best packed ({s['best_packed']['layout']}) / best unpacked "
+              f"({s['best_unpacked']['layout']}) = {s['factor']:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(list(res.values()), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
