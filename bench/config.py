@@ -78,7 +78,7 @@ class RunConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    precision: Literal["auto", "fp32", "bf16", "fp64"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "bf16-emu", "fp64"] = "auto"  # see bench.precision
     eval_every: int = 100
     eval_batches: int = 4
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)

@@ -253,7 +253,7 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="few steps: a smoke test, not a measurement")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "bf16-emu"])
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores on CPU)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=64)

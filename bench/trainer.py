@@ -12,19 +12,20 @@ import math
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import precision as precision_mod
 from . import provenance, records, runtime
 from .config import RunConfig
 from .data import TokenData, load_data
 from .divergence import DivergenceMonitor
 from .losses import cross_entropy_lse
 from .model import GPT
+from .precision import param_dtype, precision_context
 from .stabilizers import OUTPUT_EMBEDDING, LossInputs, Stabilizer, make_stabilizer
 
 
@@ -43,11 +44,8 @@ def resolve_device(cfg: RunConfig) -> torch.device:
 
 
 def resolve_precision(cfg: RunConfig, device: torch.device) -> str:
-    """fp64 trains in double precision (for exactness checks); 'auto' is bf16 on CUDA and on CPUs with native bf16 matmul, else fp32 (measured: emulated
-    bf16 matmul is ~100× slower than fp32 on an AVX2-only CPU)."""
-    if cfg.precision != "auto":
-        return cfg.precision
-    return "bf16" if device.type == "cuda" or provenance.cpu_supports_bf16() else "fp32"
+    """cfg.precision with 'auto' resolved for ``device`` (see bench.precision)."""
+    return precision_mod.resolve_precision(cfg.precision, device)
 
 
 def lr_at(cfg: RunConfig, step: int) -> float:
@@ -227,10 +225,10 @@ def setup(cfg: RunConfig) -> Setup:
     runtime.set_threads(cfg.threads)
     device = resolve_device(cfg)
     precision = resolve_precision(cfg, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    autocast = precision_context(precision, device)
     stab = make_stabilizer(cfg.stabilizer, **cfg.hparams)
     torch.manual_seed(cfg.seed)
-    model = GPT(cfg.model_config()).to(device, torch.float64 if precision == "fp64" else torch.float32)
+    model = GPT(cfg.model_config()).to(device, param_dtype(precision))
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},

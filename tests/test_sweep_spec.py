@@ -78,6 +78,10 @@ INVALID = [
     ("unusable train value", replace("warmup = 2", "warmup = 50"), "train.warmup", "must be < steps"),
     ("checkpoint cadence off the log cadence", VALID + "[execution]\ncheckpoint_every = 7\n",
      "execution.checkpoint_every", "multiple of train.log_every"),
+    ("precision both in [train] and [grid]", replace("steps = 20", 'steps = 20\nprecision = "fp32"')
+     .replace("seeds = [1, 2]", 'seeds = [1, 2]\nprecision = ["fp32"]'), "train.precision", "grid.precision"),
+    ("unknown precision in the grid", replace("seeds = [1, 2]", 'seeds = [1, 2]\nprecision = ["fp16"]'),
+     "grid.precision[0]", "'bf16-emu'"),
     ("search mode without [search]", 'mode = "search"\n' + VALID, "search", "trials, lr_min, lr_max"),
 ]
 
@@ -194,3 +198,31 @@ def test_lambda_sensitivity_sweep():
     lams = {(p.config.stabilizer, p.config.hparams.get("lam")) for p in expand(spec)}
     for stab in ("zloss", "muloss"):
         assert {lam for s, lam in lams if s == stab} == {1e-7, 1e-4, 1e-1, 1e2}
+
+
+def test_precision_is_an_optional_grid_axis(tmp_path):
+    spec = load_spec(write(tmp_path, replace("seeds = [1, 2]", 'seeds = [1, 2]\nprecision = ["fp32", "bf16-emu"]')))
+    points = expand(spec)
+    assert len(points) == 2 * len(expand(load_spec(write(tmp_path, VALID, "plain.toml"))))
+    assert {p.config.precision for p in points} == {"fp32", "bf16-emu"}
+    assert len({p.key for p in points}) == len(points)
+    assert any(p.variant.endswith("-bf16-emu-s1") for p in points)
+
+
+def test_cpu_study_sweeps_follow_the_issue_protocol():
+    """Issue 8: cpu-repro (5 methods, tied+untied, >= 8 lrs, >= 2 sizes, >= 3 seeds, bf16),
+    cpu-lambda (z-loss and mu-loss at 1e-7 ... 1e2), cpu-long (>= 20k steps, 3 lrs, fp32 and bf16)."""
+    repro = [p.config for p in expand(load_spec(REPO / "sweeps" / "cpu-repro.toml"))]
+    assert {c.stabilizer for c in repro} == {"baseline", "zloss", "softcap", "muloss", "mucentering"}
+    assert {c.weight_tying for c in repro} == {False, True}
+    assert len({c.lr for c in repro}) >= 8 and len({c.model for c in repro}) >= 2
+    assert len({c.seed for c in repro}) >= 3 and {c.precision for c in repro} == {"bf16-emu"}
+    assert {c.hparams.get("lam") for c in repro if c.stabilizer in ("zloss", "muloss")} == {1e-4}
+    lam = [p.config for p in expand(load_spec(REPO / "sweeps" / "cpu-lambda.toml"))]
+    for stab in ("zloss", "muloss"):
+        assert {c.hparams["lam"] for c in lam if c.stabilizer == stab} == {1e-7, 1e-4, 1e-1, 1e2}
+    long = [p.config for p in expand(load_spec(REPO / "sweeps" / "cpu-long.toml"))]
+    assert min(c.steps for c in long) >= 20_000 and len({c.lr for c in long}) == 3
+    assert {c.stabilizer for c in long} == {"baseline", "mucentering", "muloss"}
+    assert {c.precision for c in long} == {"fp32", "bf16-emu"} and len({c.seed for c in long}) == 2
+    assert not any(c.weight_tying for c in long)

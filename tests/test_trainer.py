@@ -109,3 +109,30 @@ def test_diagnostics_of_the_mechanism_are_recorded():
     assert r["mu_norm"] > 0
     rb = train(tiny_config(precision="bf16", steps=10, warmup=2)).run
     assert rb["precision"] == "bf16" and rb["logit_precision_error"] > 0
+    re = train(tiny_config(precision="bf16-emu", steps=10, warmup=2)).run
+    assert re["precision"] == "bf16-emu" and re["logit_precision_error"] > 0
+
+
+def test_emulated_bf16_rounds_logits_like_autocast():
+    """bf16-emu (bf16-rounded matmul inputs and outputs, fp32 arithmetic) puts an error of the
+    size of autocast's into the logits, is deterministic, and leaves fp32 untouched outside."""
+    from bench.model import GPT
+    from bench.precision import BF16Rounding, precision_context
+
+    torch.manual_seed(0)
+    model = GPT(tiny_config().model_config())
+    x = torch.randint(0, model.cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        fp32, _ = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            native, _ = model(x)
+        with precision_context("bf16-emu", torch.device("cpu")) as mode:
+            emu, _ = model(x)
+        with mode:  # one instance serves every step
+            again, _ = model(x)
+        after, _ = model(x)
+    assert isinstance(mode, BF16Rounding) and emu.dtype == torch.float32
+    err_native, err_emu = (native.float() - fp32).abs().max(), (emu - fp32).abs().max()
+    assert err_emu > 0 and 0.25 < err_emu / err_native < 4
+    assert torch.equal(emu, again) and torch.equal(after, fp32)
+    assert torch.equal(emu, emu.to(torch.bfloat16).float())  # the logits are bf16 values

@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import sys
 import time
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -32,6 +31,7 @@ from ..config import RunConfig
 from ..data import TokenData, load_data
 from ..divergence import DivergenceMonitor
 from ..model import GPT
+from ..precision import param_dtype, precision_context
 from ..trainer import RunResult, build_run_record, evaluate, lr_at, resolve_device, resolve_precision
 from .batched_model import output_embedding_name
 from .grouping import describe_mismatch
@@ -69,8 +69,8 @@ def train_pack(cfgs: list[RunConfig], *, data: TokenData | None = None, progress
     runtime.set_threads(c0.threads)
     device = resolve_device(c0)
     precision = resolve_precision(c0, device)
-    dtype = torch.float64 if precision == "fp64" else torch.float32
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    dtype = param_dtype(precision)
+    autocast = precision_context(precision, device)
     data = data or load_data(c0.data, c0.vocab_size)
     mcfg = c0.model_config()
 

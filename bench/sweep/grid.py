@@ -1,6 +1,7 @@
 """Grid expansion: a sweep file becomes trials, each a resolved RunConfig keyed by ``cfg.key()``.
 
-Axes are crossed in this order (the order trials are queued): model × weight tying × seed ×
+Axes are crossed in this order (the order trials are queued): model × precision (if the
+grid names it) × weight tying × seed ×
 stabilizer variant (a stabilizer with one point of its hyperparameter grid) × learning rate.
 In search mode the learning rate is left to the sampler: the other axes form *variants*,
 one Optuna study each.
@@ -54,13 +55,17 @@ def variants(spec: SweepSpec) -> list[Variant]:
     """Model × weight tying × seed × stabilizer variant, in sweep-file order."""
     out = []
     lr0 = spec.grid.lr[0] if spec.grid.lr else spec.search.lr_min
-    for model, tied, seed in itertools.product(spec.grid.models, spec.grid.weight_tying, spec.grid.seeds):
+    precisions = spec.grid.precision or [None]
+    for model, prec, tied, seed in itertools.product(spec.grid.models, precisions, spec.grid.weight_tying,
+                                                     spec.grid.seeds):
         for stab, grids in spec.stabilizers.items():
             for hps in hparam_grid(grids):
-                cfg = from_dict({**spec.base_config, "model": model, "weight_tying": tied, "seed": seed,
+                axes = {"precision": prec} if prec else {}
+                cfg = from_dict({**spec.base_config, **axes, "model": model, "weight_tying": tied, "seed": seed,
                                  "stabilizer": stab, "hparams": hps, "lr": lr0})
                 hp = ",".join(f"{k}={v:g}" for k, v in hps.items())
-                label = f"{model}-{stab}{f'({hp})' if hp else ''}-{'tied' if tied else 'untied'}-s{seed}"
+                label = (f"{model}-{stab}{f'({hp})' if hp else ''}-{'tied' if tied else 'untied'}"
+                         f"{f'-{prec}' if prec else ''}-s{seed}")
                 out.append(Variant(cfg, label))
     return out
 

@@ -17,6 +17,7 @@ A sweep file names a study, the training settings its runs share, and the grids:
     lr = [1e-3, 1e-2, 1e-1]             # peak learning rates (per step)
     seeds = [1]
     weight_tying = [false]
+    precision = ["fp32", "bf16-emu"]    # optional axis (then not in [train]); see bench.precision
 
     [stabilizers]                       # spec -> its hyperparameter grids
     baseline = {}
@@ -77,6 +78,8 @@ class GridSpec(_Strict):
     lr: list[float] | None = Field(default=None, min_length=1)  # required in grid mode
     seeds: list[int] = Field(default=[1], min_length=1)
     weight_tying: list[bool] = Field(default=[False], min_length=1)
+    precision: list[Literal["auto", "fp32", "bf16", "bf16-emu", "fp64"]] | None = Field(
+        default=None, min_length=1)  # optional axis; otherwise train.precision
 
 
 class ExecutionSpec(_Strict):
@@ -179,6 +182,8 @@ def _check_train(spec: SweepSpec) -> None:
         from_dict(spec.base_config)
     except ConfigError as e:
         raise _rekey(e, f"train.{e.key}", spec.source) from None
+    if spec.grid.precision is not None and "precision" in spec.train:
+        raise ConfigError("train.precision", "is also set by grid.precision; keep one of the two", spec.source)
     every, log_every = spec.execution.checkpoint_every, spec.train.get("log_every", RunConfig.log_every)
     if every and every % log_every:
         raise ConfigError("execution.checkpoint_every",
