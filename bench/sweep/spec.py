@@ -30,6 +30,8 @@ A sweep file names a study, the training settings its runs share, and the grids:
     max_retries = 2                     # retries of a trial whose worker died
     heartbeat_s = 10                    # lease renewal period (seconds)
     lease_s = 120                       # a worker silent this long is presumed dead (seconds)
+    pack = 1                            # train up to K compatible trials as one batched model
+                                        # ("auto": 8 on CPU, 32 on CUDA); 1 = one trial at a time
 
     [search]                            # mode = "search" only
     trials = 8                          # learning rates tried per stabilizer variant
@@ -90,6 +92,7 @@ class ExecutionSpec(_Strict):
     heartbeat_s: float = Field(default=10.0, gt=0)  # seconds between lease renewals
     lease_s: float = Field(default=120.0, gt=0)  # seconds of silence before a trial is presumed dead
     poll_s: float = Field(default=2.0, gt=0)  # seconds an idle worker waits before looking again
+    pack: int | Literal["auto"] = Field(default=1)  # trials trained as one batched model (bench.pack); 1 = off
 
 
 class SearchSpec(_Strict):
@@ -184,6 +187,12 @@ def _check_train(spec: SweepSpec) -> None:
         raise _rekey(e, f"train.{e.key}", spec.source) from None
     if spec.grid.precision is not None and "precision" in spec.train:
         raise ConfigError("train.precision", "is also set by grid.precision; keep one of the two", spec.source)
+    if spec.execution.pack != "auto" and spec.execution.pack < 1:
+        raise ConfigError("execution.pack", f'must be "auto" or an integer >= 1, got {spec.execution.pack!r}',
+                          spec.source)
+    if spec.execution.pack != 1 and spec.mode != "grid":
+        raise ConfigError("execution.pack", 'packing needs mode = "grid" (a search asks for one lr at a time)',
+                          spec.source)
     every, log_every = spec.execution.checkpoint_every, spec.train.get("log_every", RunConfig.log_every)
     if every and every % log_every:
         raise ConfigError("execution.checkpoint_every",

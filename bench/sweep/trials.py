@@ -186,6 +186,29 @@ class TrialQueue:
             return self._ask()
         return None
 
+    def claim_companions(self, first: Claim, k: int) -> list[Claim]:
+        """Claim up to ``k`` − 1 more waiting trials of ``first``'s study that can share its pack
+        (equal ``bench.pack.pack_key``: same architecture, data, schedule, stabilizer, precision),
+        in queue order. Each is claimed by the same atomic WAITING → RUNNING transition."""
+        from ..pack import pack_key
+
+        want, out = pack_key(first.config), []
+        waiting = first.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        for t in sorted(waiting, key=lambda t: ("retry_history" not in t.system_attrs, t.number)):
+            if len(out) >= k - 1:
+                break
+            try:
+                if pack_key(from_dict(t.user_attrs["config"])) != want:
+                    continue
+                if not self.storage.optuna.set_trial_state_values(t._trial_id, TrialState.RUNNING):
+                    continue
+            except (UpdateFinishedTrialError, KeyError, ValueError, TypeError):
+                continue
+            claim = self._accept(first.study, self.storage.optuna.get_trial(t._trial_id))
+            if claim is not None:
+                out.append(claim)
+        return out
+
     def _accept(self, study: optuna.Study, t: FrozenTrial) -> Claim | None:
         """Check a freshly claimed trial; settle duplicates and recorded keys without training."""
         st = self.storage.optuna

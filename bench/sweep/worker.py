@@ -4,6 +4,12 @@ Runs anywhere that reaches the storage and the results directory: a local proces
 (``stabench sweep``), ``stabench worker`` on any machine, or a Slurm array task. Training
 checkpoints to ``<out>/checkpoints/<key>.pt`` every ``execution.checkpoint_every`` steps, so
 a retried trial resumes where its dead worker stopped (attribute ``resumed_from_step``).
+
+With ``execution.pack = K`` (or "auto") a worker claims up to K compatible waiting trials at
+once and trains them as one batched model (``bench.pack.train_pack``), each under its own
+lease; every trial is still recorded as its own row and completed on its own. A pack is not
+checkpointed: a killed packed worker's trials are failed by the reaper and retried from
+step 0, like any other trial of a dead worker.
 """
 from __future__ import annotations
 
@@ -109,14 +115,59 @@ def run_trial(queue: TrialQueue, claim: Claim, data: Callable, log: Log, threads
             return "failed"
         records.write_run(out, result.run, result.curve)
         ours = queue.complete(claim, result.run, result.curve) and not lease.lost
-    run = result.run
+    return _report(claim, result.run, ours, log)
+
+
+def run_pack(queue: TrialQueue, claims: list[Claim], data: Callable, log: Log, threads: int | None) -> list[str]:
+    """Train claimed trials as one pack; one outcome per claim (as ``run_trial``'s)."""
+    from contextlib import ExitStack
+
+    from ..pack import train_pack
+
+    cfgs = [c.config.replace(threads=threads) if threads else c.config for c in claims]
+    k = len(claims)
+    with ExitStack() as stack:
+        leases = [stack.enter_context(queue.storage.hold(c.study, c.trial_id, c.number, c.key)) for c in claims]
+        for i, (claim, cfg) in enumerate(zip(claims, cfgs)):
+            queue.started(claim, {"host": socket.gethostname(), "pid": os.getpid(), "threads": threads,
+                                  "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                                  "resumed_from_step": 0, "pack_size": k,
+                                  "pack": [c.number for c in claims]})
+            log(f"trial {claim.number} {claim.key} {describe(cfg)}: start (pack member {i + 1}/{k})")
+        try:
+            results = train_pack(cfgs, data=data(cfgs[0]))
+        except Exception as e:
+            tb = "".join(traceback.format_exception(e)[-6:])
+            error = redact(f"{type(e).__name__}: {e}\n{tb}", queue.storage.url)
+            for claim in claims:
+                queue.fail(claim, error)
+            log(f"pack of {k} ({', '.join(str(c.number) for c in claims)}): FAILED {type(e).__name__}: "
+                f"{redact(str(e), queue.storage.url)}")
+            return ["failed"] * k
+        outcomes = []
+        for claim, lease, result in zip(claims, leases, results):
+            records.write_run(queue.out, result.run, result.curve)
+            ours = queue.complete(claim, result.run, result.curve) and not lease.lost
+            outcomes.append(_report(claim, result.run, ours, log))
+    return outcomes
+
+
+def _report(claim: Claim, run: dict, ours: bool, log: Log) -> str:
     if not ours:
-        log(f"trial {claim.number} {key}: another worker presumed this one dead and failed the trial; "
+        log(f"trial {claim.number} {claim.key}: another worker presumed this one dead and failed the trial; "
             "the result is recorded once in runs.parquet all the same")
         return "lost"
     status = f"diverged at step {run['diverged_step']} ({run['diverged_reason']})" if run["diverged"] else "done"
-    log(f"trial {claim.number} {key}: {status}, final loss {run['final_loss']:.4f}, {run['wall_time_s']:.1f} s")
+    log(f"trial {claim.number} {claim.key}: {status}, final loss {run['final_loss']:.4f}, {run['wall_time_s']:.1f} s")
     return "diverged" if run["diverged"] else "completed"
+
+
+def pack_size(spec: SweepSpec, cfg: RunConfig) -> int:
+    """Members per pack for this sweep (1: packing off)."""
+    from ..pack import auto_pack_size
+
+    pack = spec.execution.pack
+    return auto_pack_size(cfg) if pack == "auto" else int(pack)
 
 
 def run_worker(spec: SweepSpec, storage_url: str | None, out: Path, *, threads: int | None = None,
@@ -150,9 +201,17 @@ def run_worker(spec: SweepSpec, storage_url: str | None, out: Path, *, threads: 
                 time.sleep(spec.execution.poll_s)
                 continue
             break
-        claimed += 1
-        outcome = run_trial(queue, claim, data, log, threads)
-        setattr(report, outcome, getattr(report, outcome) + 1)
+        k = pack_size(spec, claim.config)
+        if max_trials is not None:
+            k = min(k, max_trials - claimed)
+        claims = [claim] + (queue.claim_companions(claim, k) if k > 1 else [])
+        claimed += len(claims)
+        if len(claims) > 1:
+            outcomes = run_pack(queue, claims, data, log, threads)
+        else:
+            outcomes = [run_trial(queue, claim, data, log, threads)]
+        for outcome in outcomes:
+            setattr(report, outcome, getattr(report, outcome) + 1)
     log(f"worker done: {report.completed} completed, {report.diverged} diverged, {report.failed} failed"
         + (f", {report.lost} lost" if report.lost else ""))
     return report
