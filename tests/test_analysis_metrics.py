@@ -256,3 +256,12 @@ def test_markdown_and_latex_rendering_escape_special_characters():
     assert r"zloss ($\lambda$=1e-4)" in tex and r"1 $\pm$ 2" in tex and r"x\_y" in tex and r"50 \%" in tex
     assert tex.startswith(r"\begin{table}") and r"\bottomrule" in tex
     assert latex_escape("a&b#c") == r"a\&b\#c"
+
+
+def test_runs_in_two_precisions_are_two_curves():
+    # fp32: 3.0, 2.5 → LRS 0.5; bf16-emu: 3.0, 4.0 → LRS 1.0 (never pooled as if they were seeds)
+    rows = [{"lr": lr, "final_loss": L, "precision": p}
+            for p, losses in (("fp32", (3.0, 2.5)), ("bf16-emu", (3.0, 4.0))) for lr, L in zip((1e-3, 1e-2), losses)]
+    t = lrs_table(runs_frame(rows)).set_index("precision")
+    assert t.loc["fp32", "lrs"] == pytest.approx(0.5) and t.loc["bf16-emu", "lrs"] == pytest.approx(1.0)
+    assert set(t["setting"]) == {"baseline, fp32", "baseline, bf16-emu"}

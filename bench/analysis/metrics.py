@@ -113,7 +113,7 @@ def lambda_sensitivity(runs: pd.DataFrame) -> pd.DataFrame:
     table = lrs_table(runs)
     scalar = table[(table["hp_name"] != "") & ~table["hp_name"].str.contains(",")]
     rows = []
-    keys = ["model", "stabilizer", "weight_tying", "hp_name"]
+    keys = ["model", "stabilizer", "weight_tying", "precision", "hp_name"]
     for key, g in scalar.groupby(keys, sort=False):
         if g["hp_value"].nunique() < 2:
             continue
@@ -167,15 +167,15 @@ def step_time_overhead(runs: pd.DataFrame, reference: str = "baseline") -> pd.Da
     """
     df = prepare_runs(runs)
     df["_t"] = run_step_time(df)
-    keys = ["model", "stabilizer", "weight_tying"]
+    keys = ["model", "stabilizer", "weight_tying", "precision"]
     df = df[df["_t"].notna()]
     columns = keys + ["n_runs", "step_time_s", "reference_step_time_s", "overhead"]
     if df.empty:
         return pd.DataFrame(columns=columns)
     t = df.groupby(keys, sort=False).agg(n_runs=("_t", "size"), step_time_s=("_t", "median")).reset_index()
-    ref = t[t["stabilizer"] == reference][["model", "weight_tying", "step_time_s"]]
+    ref = t[t["stabilizer"] == reference][["model", "weight_tying", "precision", "step_time_s"]]
     ref = ref.rename(columns={"step_time_s": "reference_step_time_s"})
-    t = t.merge(ref, on=["model", "weight_tying"], how="left")
+    t = t.merge(ref, on=["model", "weight_tying", "precision"], how="left")
     t["overhead"] = t["step_time_s"] / t["reference_step_time_s"] - 1.0
     return t[columns]
 

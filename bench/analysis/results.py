@@ -13,7 +13,8 @@ Derived columns
               stabilizer has none, names joined by ``,`` if it has several.
 ``hp_value``  its value (NaN unless exactly one hyperparameter).
 ``setting``   display label, e.g. ``zloss (λ=0.0001)``; ``, tied`` is appended when the frame
-              holds both weight-tying values.
+              holds both weight-tying values, ``, bf16-emu`` when it holds several precisions.
+``precision`` the run's precision (``""`` where unknown, e.g. published rows).
 ``failed``    the run diverged or its final loss is not finite.
 ``loss``      the loss the LR-sensitivity formula uses: L0 for a failed run, else min(final_loss, L0).
 """
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-GROUP = ["model", "stabilizer", "hp", "weight_tying"]
+GROUP = ["model", "stabilizer", "hp", "weight_tying", "precision"]
 """A learning-rate curve is identified by these columns (plus ``seed`` for one seed's curve)."""
 
 HP_SYMBOLS = {"lam": "λ", "cap": "c"}
@@ -128,6 +129,11 @@ def prepare_runs(runs: pd.DataFrame) -> pd.DataFrame:
     labels = [setting_label(s, h) for s, h in zip(df["stabilizer"], df["hp"])]
     if tied_both:
         labels = [lab + (", tied" if t else ", untied") for lab, t in zip(labels, df["weight_tying"])]
+    if "precision" not in df.columns:
+        df["precision"] = ""
+    df["precision"] = df["precision"].fillna("").astype(str)
+    if df["precision"].nunique() > 1:
+        labels = [f"{lab}, {p}" for lab, p in zip(labels, df["precision"])]
     df["setting"] = labels if n else pd.Series([], dtype=object)
     finite = np.isfinite(df["final_loss"].to_numpy(dtype=float))
     df["failed"] = df["diverged"].to_numpy() | ~finite
