@@ -273,3 +273,10 @@ def test_packed_adamw_with_clipping_equals_torch_adamw_per_member(fused):
         for k, m in enumerate(members):
             for n in shapes:
                 torch.testing.assert_close(store.params[n][k], m[n].detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_emulated_bf16_is_refused_in_packs():
+    from bench.pack import train_pack
+    cfgs = [tiny_config(precision="bf16-emu", lr=lr) for lr in (1e-3, 1e-2)]
+    with pytest.raises(ValueError, match="bf16-emu"):
+        train_pack(cfgs)

@@ -166,12 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("preset")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--k", default="4,8", help="pack sizes measured in both packed layouts (comma-separated)")
     p.add_argument("--k-1xC", dest="k_1xc", default="16", help="extra pack sizes measured with 1 worker only")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
-    base = from_dict(dict(model=args.preset, vocab_size=args.vocab_size, batch_size=8, seq_len=64, precision="fp32",
+    base = from_dict(dict(model=args.preset, vocab_size=args.vocab_size, batch_size=args.batch_size,
+                          seq_len=args.seq_len, precision="fp32",
                           warmup=10, lr=3e-3, data="synthetic:tokens=200000")).check()
     plan = [(int(k), ("packed 1xC", "packed Cx1")) for k in filter(None, args.k.split(","))]
     plan += [(int(k), ("packed 1xC",)) for k in filter(None, args.k_1xc.split(","))]

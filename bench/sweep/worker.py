@@ -163,10 +163,13 @@ def _report(claim: Claim, run: dict, ours: bool, log: Log) -> str:
 
 
 def pack_size(spec: SweepSpec, cfg: RunConfig) -> int:
-    """Members per pack for this sweep (1: packing off)."""
+    """Members per pack for this sweep (1: packing off, and always for bf16-emu, which packs
+    do not reproduce exactly)."""
     from ..pack import auto_pack_size
 
     pack = spec.execution.pack
+    if cfg.precision == "bf16-emu":
+        return 1
     return auto_pack_size(cfg) if pack == "auto" else int(pack)
 
 
