@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "figures": ("bench.analysis.cli", "write all figures and tables of a results directory"),
     "report": ("bench.analysis.cli", "write a self-contained HTML report of a results directory"),
     "leaderboard": ("bench.analysis.cli", "rank stabilizers across sweeps by LR sensitivity and loss"),
+    "claims": ("bench.analysis.cli", "test the reference study's claims on a results directory (tables, verdicts)"),
     "perf": ("bench.perf", "benchmark step time, MFU, stabilizer overhead and sweep throughput"),
 }
 

@@ -1,4 +1,4 @@
-"""``stabench figures``, ``stabench report`` and ``stabench leaderboard``."""
+"""``stabench figures``, ``stabench report``, ``stabench leaderboard`` and ``stabench claims``."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +13,13 @@ def configure(name: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--out", metavar="FILE", help="also write the Markdown to FILE")
         return
     parser.add_argument("results_dir", metavar="RESULTS_DIR", help="results directory (results/<sweep>)")
-    if name == "figures":
+    if name == "claims":
+        parser.add_argument("--lambda", dest="lambda_dir", metavar="DIR",
+                            help="results directory of a λ sweep (claim (e))")
+        parser.add_argument("--lr-max", type=float, metavar="LR",
+                            help="use only learning rates <= LR (e.g. 0.3, the top of the study's grid)")
+        parser.add_argument("--out", metavar="FILE", help="also write the Markdown to FILE")
+    elif name == "figures":
         parser.add_argument("--out", metavar="DIR", help="output directory (default RESULTS_DIR/figures)")
     else:
         parser.add_argument("--out", metavar="FILE", help="HTML file (default RESULTS_DIR/report.html)")
@@ -111,4 +117,18 @@ def main(name: str, args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")  # headless: never open a window
-    return {"figures": _figures, "report": _report, "leaderboard": _leaderboard}[name](args)
+    return {"figures": _figures, "report": _report, "leaderboard": _leaderboard, "claims": _claims}[name](args)
+
+
+def _claims(args: argparse.Namespace) -> int:
+    from .claims import markdown
+
+    res = _load(args.results_dir)
+    lam = _load(args.lambda_dir).runs if args.lambda_dir else None
+    text = markdown(res.runs, lam, _published(args.compare), lr_max=args.lr_max)
+    sys.stdout.write(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+        print(f"\nwrote {args.out}")
+    return 0

@@ -1,0 +1,206 @@
+"""The reference study's claims, tested on a results directory: tables and one verdict per claim.
+
+Claims (Stollenwerk et al., arXiv 2601.02031), as README "Does it reproduce?" states them:
+
+(a) μ-centering and μ-loss have a lower LR sensitivity (LRS) than the baseline;
+(b) ... lower than z-loss;
+(c) ... on par with soft-capping;
+(d) (a)–(c) also hold with weight tying;
+(e) μ-loss is less sensitive to λ than z-loss.
+
+Evidence for (a)–(d) is the paired difference of per-seed LRS, ΔLRS = LRS(μ-method) −
+LRS(reference), over every (model, seed) pair that both ran (seeds are paired: same
+initialization and data order). A difference is *significant* when the exact two-sided
+sign-flip test gives p < 0.05 (with 3 seeds × 2 models = 6 pairs, the smallest possible p is
+1/32). Verdicts:
+
+- lower-than claims: ``supported`` (ΔLRS < 0, significant), ``contradicted`` (ΔLRS > 0,
+  significant), else ``not shown``;
+- on-par claim: ``supported`` when not significant and the 95 % bootstrap CI of the mean
+  ΔLRS lies within ±``PAR_MARGIN`` nats, ``contradicted`` when significant, else ``inconclusive``.
+
+(e) compares, per seed, the spread of LRS over the λ grid (max − min) of μ-loss and of z-loss:
+``supported`` when μ-loss's spread is smaller for every seed (with 3 seeds a sign-flip
+p-value cannot go below 0.25, so consistency across seeds is the criterion, stated as such),
+``contradicted`` when it is larger for every seed, else ``not shown``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .metrics import lrs_table
+from .results import model_order, prepare_runs, setting_order, stabilizer_label
+from .stats import bootstrap_ci, paired_signflip_test
+from .tables import fmt, to_markdown
+
+ALPHA = 0.05
+PAR_MARGIN = 0.1  # nats: "on par" means the CI of ΔLRS lies within ±0.1
+MU_METHODS = ("mucentering", "muloss")
+
+
+@dataclass
+class Comparison:
+    """ΔLRS = LRS(method) − LRS(reference) over paired (model, seed) points."""
+
+    method: str
+    reference: str
+    tied: bool
+    n_pairs: int
+    diff: float
+    ci: tuple[float, float]
+    p: float
+    per_model: dict[str, float]
+
+    @property
+    def significant(self) -> bool:
+        return not math.isnan(self.p) and self.p < ALPHA
+
+
+def compare(per_seed: pd.DataFrame, method: str, reference: str, tied: bool) -> Comparison:
+    """Paired ΔLRS of ``method`` vs ``reference`` (each at its single hyperparameter setting).
+
+    per_seed: ``lrs_table(runs, by_seed=True)``; a stabilizer with several settings (a λ grid)
+    uses its first (smallest) one.
+    """
+    g = per_seed[per_seed["weight_tying"] == tied]
+
+    def side(stab: str) -> pd.Series:
+        s = g[g["stabilizer"] == stab]
+        if s.empty:
+            return pd.Series(dtype=float)
+        s = s[s["hp"] == sorted(s["hp"].unique())[0]]
+        return s.set_index(["model", "seed"])["lrs"]
+
+    a, b = side(method), side(reference)
+    idx = a.index.intersection(b.index)
+    d = (a.loc[idx] - b.loc[idx]).to_numpy(dtype=float)
+    per_model = (a.loc[idx] - b.loc[idx]).groupby(level="model").mean().to_dict() if len(idx) else {}
+    return Comparison(method, reference, tied, len(idx), float(d.mean()) if len(d) else math.nan,
+                      bootstrap_ci(d), paired_signflip_test(a.loc[idx], b.loc[idx]) if len(d) >= 2 else math.nan,
+                      per_model)
+
+
+def lower_verdict(c: Comparison) -> str:
+    if c.n_pairs < 2:
+        return "no data"
+    if c.significant:
+        return "supported" if c.diff < 0 else "contradicted"
+    return "not shown"
+
+
+def par_verdict(c: Comparison) -> str:
+    if c.n_pairs < 2:
+        return "no data"
+    if c.significant:
+        return "contradicted"
+    lo, hi = c.ci
+    return "supported" if -PAR_MARGIN <= lo and hi <= PAR_MARGIN else "inconclusive"
+
+
+def _overall(verdicts: list[str]) -> str:
+    if "contradicted" in verdicts:
+        return "contradicted" if all(v == "contradicted" for v in verdicts) else "mixed"
+    if verdicts and all(v == "supported" for v in verdicts):
+        return "supported"
+    return "no data" if all(v == "no data" for v in verdicts) else "not shown"
+
+
+def _evidence(c: Comparison) -> str:
+    if c.n_pairs < 2:
+        return f"{stabilizer_label(c.method)} vs {stabilizer_label(c.reference)}: fewer than 2 pairs"
+    lo, hi = c.ci
+    return (f"{stabilizer_label(c.method)} − {stabilizer_label(c.reference)}: ΔLRS {c.diff:+.3f} "
+            f"[{lo:+.3f}, {hi:+.3f}], p = {c.p:.3g}, {c.n_pairs} pairs")
+
+
+def lambda_spreads(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per stabilizer with a λ grid and seed: LRS spread (max − min over λ) and the λ values."""
+    per_seed = lrs_table(runs, by_seed=True)
+    per_seed = per_seed[per_seed["hp_name"] == "lam"]
+    rows = []
+    for (model, stab, tied, seed), g in per_seed.groupby(["model", "stabilizer", "weight_tying", "seed"]):
+        if g["hp_value"].nunique() < 2:
+            continue
+        rows.append({"model": model, "stabilizer": stab, "weight_tying": tied, "seed": seed,
+                     "n_values": g["hp_value"].nunique(), "lrs_min": g["lrs"].min(), "lrs_max": g["lrs"].max(),
+                     "spread": g["lrs"].max() - g["lrs"].min()})
+    return pd.DataFrame(rows, columns=["model", "stabilizer", "weight_tying", "seed", "n_values", "lrs_min",
+                                       "lrs_max", "spread"])
+
+
+def lambda_verdict(lam_runs: pd.DataFrame | None) -> tuple[str, str]:
+    """(verdict, evidence) for claim (e)."""
+    if lam_runs is None or lam_runs.empty:
+        return "no data", "no λ sweep given"
+    s = lambda_spreads(lam_runs)
+    mu = s[s["stabilizer"] == "muloss"].set_index(["model", "weight_tying", "seed"])["spread"]
+    z = s[s["stabilizer"] == "zloss"].set_index(["model", "weight_tying", "seed"])["spread"]
+    idx = mu.index.intersection(z.index)
+    if len(idx) == 0:
+        return "no data", "the λ sweep lacks μ-loss or z-loss over ≥ 2 values of λ"
+    d = (mu.loc[idx] - z.loc[idx]).to_numpy()
+    verdict = "supported" if (d < 0).all() else ("contradicted" if (d > 0).all() else "not shown")
+    p = paired_signflip_test(mu.loc[idx], z.loc[idx]) if len(idx) >= 2 else math.nan
+    evidence = (f"LRS spread over λ: μ-loss {mu.loc[idx].mean():.3f} vs z-loss {z.loc[idx].mean():.3f} nats "
+                f"(mean of {len(idx)} seed(s)); μ-loss smaller in {(d < 0).sum()}/{len(idx)}, p = {p:.3g}")
+    return verdict, evidence
+
+
+def claims_table(runs: pd.DataFrame, lam_runs: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per claim: ``claim``, ``verdict``, ``evidence`` (text)."""
+    per_seed = lrs_table(runs, by_seed=True)
+    rows = []
+    for tied, prefix in ((False, ""), (True, "(d) tied: ")):
+        for ref, label, rule in (("baseline", "(a) lower LRS than the baseline", lower_verdict),
+                                 ("zloss", "(b) lower LRS than z-loss", lower_verdict),
+                                 ("softcap", "(c) LRS on par with soft-capping", par_verdict)):
+            cs = [compare(per_seed, m, ref, tied) for m in MU_METHODS]
+            name = (prefix + label[4:]) if tied else label
+            rows.append({"claim": name, "verdict": _overall([rule(c) for c in cs]),
+                         "evidence": "; ".join(f"{_evidence(c)} ({rule(c)})" for c in cs)})
+    verdict, evidence = lambda_verdict(lam_runs)
+    rows.append({"claim": "(e) μ-loss less sensitive to λ than z-loss", "verdict": verdict, "evidence": evidence})
+    return pd.DataFrame(rows)
+
+
+def lrs_by_model(runs: pd.DataFrame, with_ci: bool = True) -> pd.DataFrame:
+    """A row per setting (untied first), a column per model: mean LRS over seeds [95 % bootstrap CI]."""
+    runs = prepare_runs(runs)
+    per_seed = lrs_table(runs, by_seed=True)
+    cells: dict[tuple[str, str], str] = {}
+    for (setting, model), g in per_seed.groupby(["setting", "model"]):
+        x = g["lrs"].to_numpy(dtype=float)
+        lo, hi = bootstrap_ci(x)
+        ci = f" [{fmt(lo)}, {fmt(hi)}]" if with_ci and not math.isnan(lo) else ""
+        cells[(setting, model)] = f"{fmt(float(np.nanmean(x)))}{ci}"
+    models = model_order(runs)
+    out = [{"setting": s, **{m: cells.get((s, m), "") for m in models}} for s in setting_order(runs)]
+    return pd.DataFrame(out)
+
+
+def restrict_lr(runs: pd.DataFrame | None, lr_max: float | None) -> pd.DataFrame | None:
+    """Runs with lr ≤ ``lr_max`` (all runs for None): LRS on a sub-grid, e.g. the study's (≤ 0.3)."""
+    if runs is None or lr_max is None:
+        return runs
+    return runs[runs["lr"] <= lr_max * (1 + 1e-9)]
+
+
+def markdown(runs: pd.DataFrame, lam_runs: pd.DataFrame | None = None,
+             published: pd.DataFrame | None = None, lr_max: float | None = None) -> str:
+    """The "Does it reproduce?" tables and verdicts as Markdown (on lr ≤ ``lr_max`` if given)."""
+    runs, lam_runs = restrict_lr(runs, lr_max), restrict_lr(lam_runs, lr_max)
+    grid = sorted(runs["lr"].unique())
+    parts = [f"Learning-rate grid: {', '.join(f'{x:g}' for x in grid)} ({len(grid)} points).", ""]
+    if published is not None:
+        parts += ["Published LRS (nats; computed by stabench from the study's final losses, untied):", "",
+                  to_markdown(lrs_by_model(published, with_ci=False)), ""]
+    parts += ["CPU-scale LRS (nats; mean over seeds [95 % bootstrap CI]):", "", to_markdown(lrs_by_model(runs)), ""]
+    if lam_runs is not None and not lam_runs.empty:
+        parts += ["CPU-scale LRS per λ (nats; mean over seeds [95 % bootstrap CI]):", "",
+                  to_markdown(lrs_by_model(lam_runs)), ""]
+    parts += ["Verdicts:", "", to_markdown(claims_table(runs, lam_runs)), ""]
+    return "\n".join(parts)
