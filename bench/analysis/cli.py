@@ -102,14 +102,25 @@ def _report(args: argparse.Namespace) -> int:
 def _leaderboard(args: argparse.Namespace) -> int:
     from .leaderboard import leaderboard, to_text
 
-    boards = leaderboard([_load(d) for d in args.dirs])
-    text = to_text(boards)
+    return _emit(to_text(leaderboard([_load(d) for d in args.dirs])), args.out)
+
+
+def _emit(text: str, out: str | None) -> int:
+    """Print Markdown ``text`` and also write it to ``out`` if given."""
     sys.stdout.write(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-        print(f"\nwrote {args.out}")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+        print(f"\nwrote {out}")
     return 0
+
+
+def _claims(args: argparse.Namespace) -> int:
+    from .claims import markdown
+
+    res = _load(args.results_dir)
+    lam = _load(args.lambda_dir).runs if args.lambda_dir else None
+    return _emit(markdown(res.runs, lam, _published(args.compare), lr_max=args.lr_max), args.out)
 
 
 def main(name: str, args: argparse.Namespace) -> int:
@@ -118,17 +129,3 @@ def main(name: str, args: argparse.Namespace) -> int:
 
     matplotlib.use("Agg")  # headless: never open a window
     return {"figures": _figures, "report": _report, "leaderboard": _leaderboard, "claims": _claims}[name](args)
-
-
-def _claims(args: argparse.Namespace) -> int:
-    from .claims import markdown
-
-    res = _load(args.results_dir)
-    lam = _load(args.lambda_dir).runs if args.lambda_dir else None
-    text = markdown(res.runs, lam, _published(args.compare), lr_max=args.lr_max)
-    sys.stdout.write(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-        print(f"\nwrote {args.out}")
-    return 0
