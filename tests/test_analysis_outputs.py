@@ -193,6 +193,20 @@ def test_leaderboard_ranks_per_protocol_with_provenance_on_every_row(full, minim
     assert "| 1 | " in text and "zloss" in text
 
 
+def test_claims_writes_published_and_local_tables_and_a_verdict_per_claim(full, tmp_path, capsys):
+    out = tmp_path / "claims.md"
+    assert cli.main(["claims", str(full), "--lambda", str(full), "--compare", str(CSV), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text in capsys.readouterr().out
+    assert "Published LRS" in text and "| 221M |" in text
+    assert "CPU-scale LRS" in text and "micro" in text
+    verdicts = re.findall(r"^\| \((\w)\) .*? \| (supported|contradicted|not shown|mixed|inconclusive|no data) \|",
+                          text, re.M)
+    assert [c for c, _ in verdicts] == ["a", "b", "c", "d", "d", "d", "e"]
+    # the fixture has no soft-capping or mu-centering runs: what it cannot judge says so
+    assert dict(verdicts)["c"] == "no data"
+
+
 def test_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path / "missing")]) == 2
     (tmp_path / "empty").mkdir()

@@ -76,6 +76,8 @@ def compare(per_seed: pd.DataFrame, method: str, reference: str, tied: bool) -> 
         return s.set_index(["model", "seed"])["lrs"]
 
     a, b = side(method), side(reference)
+    if a.empty or b.empty:
+        return Comparison(method, reference, tied, 0, math.nan, (math.nan, math.nan), math.nan, {})
     idx = a.index.intersection(b.index)
     d = (a.loc[idx] - b.loc[idx]).to_numpy(dtype=float)
     per_model = (a.loc[idx] - b.loc[idx]).groupby(level="model").mean().to_dict() if len(idx) else {}
