@@ -152,12 +152,23 @@ def layout_throughput(base: RunConfig, n_trials: int, steps: int, cores: int) ->
     return rows
 
 
-def packed_throughput(base: RunConfig, n_trials: int, steps: int, cores: int) -> list[dict[str, Any]]:
-    try:
-        from .pack import measure_pack_throughput
-    except ImportError:
-        return []
-    return measure_pack_throughput(base, n_trials=n_trials, steps=steps, cores=cores)
+PACK_K = 4  # members per pack in the comparison: one pack per worker in the C×1 layout
+
+
+def packed_throughput(base: RunConfig, steps: int, cores: int, log=print) -> dict[str, Any]:
+    """Trials/hour of ``base``'s preset packed (K = PACK_K) vs unpacked, all four layouts, one run.
+
+    Every layout trains the same PACK_K × cores short trials (learning rates spread as in the
+    layout rows, one data seed). ``factor`` = best packed / best unpacked trials per hour.
+    """
+    from .pack.throughput import LAYOUTS, measure_pack_throughput, speedup
+
+    rows = measure_pack_throughput(base, PACK_K, steps, n_trials=PACK_K * cores, cores=cores, layouts=LAYOUTS,
+                                   log=log)
+    s = speedup(rows)
+    return {"preset": base.model, "k": PACK_K, "trials": PACK_K * cores, "steps": steps, "rows": rows,
+            "best_packed": s["best_packed"]["layout"], "best_unpacked": s["best_unpacked"]["layout"],
+            "factor": s["factor"]}
 
 
 def machine() -> dict[str, Any]:
@@ -220,7 +231,11 @@ def run_perf(presets: list[str], *, quick: bool, device: str, precision: str, th
             "workers": default[0], "threads": default[1], "best": best["layout"],
             "default_vs_best": row["trials_per_hour"] / best["trials_per_hour"] if row else None}
         if "packed" in sections:
-            result["packed"] = packed_throughput(micro, knobs["layout_trials"], knobs["layout_steps"], cores)
+            pack_presets = [micro.model] + ([] if quick else ["nano"])
+            for name in pack_presets:
+                log(f"timing packed vs unpacked trials of {name}…")
+                result["packed"].append(packed_throughput(micro.replace(model=name), knobs["layout_steps"], cores,
+                                                          log=log))
     return result
 
 
@@ -236,15 +251,52 @@ def format_table(result: dict[str, Any]) -> str:
     if result["overhead"]:
         out += ["", f"{'stabilizer':12} {'step ms':>8} {'overhead':>9}"]
         out += [f"{r['stabilizer']:12} {r['step_time_s'] * 1e3:>8.2f} {r['overhead']:>+9.1%}" for r in result["overhead"]]
-    rows = result["layouts"] + result["packed"]
-    if rows:
+    if result["layouts"]:
         out += ["", f"{'sweep layout':36} {'trials/hour':>12}"]
-        out += [f"{r['layout']:36} {r['trials_per_hour']:>12.0f}" for r in rows]
+        out += [f"{r['layout']:36} {r['trials_per_hour']:>12.0f}" for r in result["layouts"]]
     d = result.get("default_layout")
     if d and d["default_vs_best"] is not None:
         out.append(f"sweep default ({d['workers']} worker(s) x {d['threads']} thread(s)): "
                    f"{d['default_vs_best']:.1%} of the best layout ({d['best']})")
+    for p in result["packed"]:
+        out += ["", f"{p['preset']}: {p['trials']} trials x {p['steps']} steps {'':6} {'trials/hour':>12}"]
+        out += [f"{r['layout']:44} {r['trials_per_hour']:>12.0f}" for r in p["rows"]]
+        out.append(f"best packed / best unpacked: {p['factor']:.2f}x")
     return "\n".join(out)
+
+
+def format_markdown(result: dict[str, Any]) -> str:
+    """The README's Performance tables from a ``stabench perf`` result."""
+    st, m = result["settings"], result["machine"]
+    peak = next(iter(result["peak"].values()))
+    out = [f"Measured {result['created_at'][:10]} on {m['processor']} ({m['cpu_count']} cores, "
+           f"{st['threads']} threads, {st['precision']}, batch {st['batch_size']} × seq {st['seq_len']}, "
+           f"V = {st['vocab_size']}); GEMM peak {peak['flops'] / 1e9:.0f} GFLOP/s ({peak['dtype']}, {peak['size']}²).",
+           "", "| preset | parameters | step (ms, median) | p10–p90 (ms) | tokens/s | GFLOP/s | MFU |",
+           "|---|---|---|---|---|---|---|"]
+    out += [f"| `{r['preset']}` | {r['n_params']:,} | {r['step_time_s'] * 1e3:.1f} | "
+            f"{r['step_time_p10_s'] * 1e3:.1f}–{r['step_time_p90_s'] * 1e3:.1f} | {r['tokens_per_s']:.0f} | "
+            f"{r['achieved_flops'] / 1e9:.1f} | {r['mfu']:.0%} |" for r in result["presets"]]
+    if result["overhead"]:
+        out += ["", f"Stabilizer overhead on `{st.get('overhead_preset', '')}` (interleaved rounds, median step):", "",
+                "| stabilizer | step (ms) | overhead vs baseline |", "|---|---|---|"]
+        out += [f"| `{r['stabilizer']}` | {r['step_time_s'] * 1e3:.1f} | {r['overhead']:+.1%} |"
+                for r in result["overhead"]]
+    if result["layouts"]:
+        r0 = result["layouts"][0]
+        out += ["", f"Sweep throughput, {r0['trials']} `micro` trials of {r0['steps']} steps:", "",
+                "| layout | trials/hour |", "|---|---|"]
+        out += [f"| {r['layout']} | {r['trials_per_hour']:.0f} |" for r in result["layouts"]]
+        d = result.get("default_layout")
+        if d and d["default_vs_best"] is not None:
+            out += ["", f"The sweep engine's default ({d['workers']} worker(s) × {d['threads']} thread(s)) reached "
+                        f"{d['default_vs_best']:.0%} of the best layout ({d['best']})."]
+    for p in result["packed"]:
+        out += ["", f"Packed vs unpacked, {p['trials']} `{p['preset']}` trials of {p['steps']} steps "
+                    f"(K = {p['k']}): best packed / best unpacked = **{p['factor']:.2f}×**", "",
+                "| layout | trials/hour |", "|---|---|"]
+        out += [f"| {r['layout']} | {r['trials_per_hour']:.0f} |" for r in p["rows"]]
+    return "\n".join(out) + "\n"
 
 
 def configure(name: str, p: argparse.ArgumentParser) -> None:
@@ -252,6 +304,7 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
                                                       "16M-221M on CUDA)")
     p.add_argument("--quick", action="store_true", help="few steps: a smoke test, not a measurement")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--markdown", metavar="PATH", help="also write the tables as Markdown (the README's)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "bf16-emu"])
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores on CPU)")
@@ -287,5 +340,10 @@ def main(name: str, args: argparse.Namespace) -> int:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path}")
+    if args.markdown:
+        path = Path(args.markdown)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(format_markdown(result))
         print(f"wrote {path}")
     return 0

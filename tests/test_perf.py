@@ -43,3 +43,23 @@ def test_perf_layouts_report_trials_per_hour(tmp_path):
     best = max(l["trials_per_hour"] for l in layouts)
     mine = next(l for l in layouts if (l["workers"], l["threads"]) == (d["workers"], d["threads"]))
     assert math.isclose(d["default_vs_best"], mine["trials_per_hour"] / best, rel_tol=1e-9)
+
+
+def test_perf_compares_packed_and_unpacked_trials_and_writes_markdown(tmp_path):
+    out, md = tmp_path / "perf.json", tmp_path / "perf.md"
+    r = stabench(["perf", "--quick", "--preset", "nano", "--skip", "overhead", "--json", str(out),
+                  "--markdown", str(md)])
+    assert r.returncode == 0, r.stderr
+    (packed,) = json.loads(out.read_text())["packed"]
+    assert packed["preset"] == "nano"
+    rows = {row["layout"].split(",")[0]: row for row in packed["rows"]}
+    cores = len(os.sched_getaffinity(0))
+    assert set(rows) == {f"{kind} {w} worker(s) x {t} thread(s)" for kind in ("packed", "unpacked")
+                         for w, t in ((1, cores), (cores, 1))}
+    for row in packed["rows"]:
+        assert row["trials"] == packed["trials"] and row["trials_per_hour"] > 0
+    best = {kind: max(x["trials_per_hour"] for x in packed["rows"] if x["layout"].startswith(kind))
+            for kind in ("packed", "unpacked")}
+    assert math.isclose(packed["factor"], best["packed"] / best["unpacked"], rel_tol=1e-9)
+    text = md.read_text()
+    assert "| `nano` |" in text and f"= **{packed['factor']:.2f}×**" in text and "MFU" in text
