@@ -184,6 +184,21 @@ def lrs_by_model(runs: pd.DataFrame, with_ci: bool = True) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def by_lr_table(runs: pd.DataFrame, model: str | None = None, value: str = "final_loss") -> pd.DataFrame:
+    """A row per setting, a column per learning rate: mean of ``value`` over seeds (final loss,
+    ‖μ‖, cos(μ, h̄), …), ``†k`` when k of the seeds diverged (included in the mean)."""
+    runs = prepare_runs(runs)
+    if model is not None:
+        runs = runs[runs["model"] == model]
+    cells = {}
+    for (setting, lr), g in runs.groupby(["setting", "lr"]):
+        k = int(g["diverged"].sum())
+        cells[(setting, lr)] = f"{fmt(float(pd.to_numeric(g[value]).mean()))}{f' †{k}' if k else ''}"
+    lrs = sorted(runs["lr"].unique())
+    out = [{"setting": s, **{f"{lr:g}": cells.get((s, lr), "") for lr in lrs}} for s in setting_order(runs)]
+    return pd.DataFrame(out)
+
+
 def restrict_lr(runs: pd.DataFrame | None, lr_max: float | None) -> pd.DataFrame | None:
     """Runs with lr ≤ ``lr_max`` (all runs for None): LRS on a sub-grid, e.g. the study's (≤ 0.3)."""
     if runs is None or lr_max is None:
@@ -201,6 +216,16 @@ def markdown(runs: pd.DataFrame, lam_runs: pd.DataFrame | None = None,
         parts += ["Published LRS (nats; computed by stabench from the study's final losses, untied):", "",
                   to_markdown(lrs_by_model(published, with_ci=False)), ""]
     parts += ["CPU-scale LRS (nats; mean over seeds [95 % bootstrap CI]):", "", to_markdown(lrs_by_model(runs)), ""]
+    models = model_order(prepare_runs(runs))
+    for model in models:
+        parts += [f"Final validation loss, `{model}` (nats; mean over seeds; †k: k seeds diverged):", "",
+                  to_markdown(by_lr_table(runs, model)), ""]
+    for value, what in (("mu_norm", "‖μ‖ at the end of training"),
+                        ("mu_hidden_cos", "cos(μ, mean final hidden state) at the end of training"),
+                        ("logit_precision_error", "max |logits − fp32 logits| on a fixed batch (the run's precision)")):
+        if value in runs.columns:
+            parts += [f"{what}, `{models[-1]}` (mean over seeds):", "", to_markdown(by_lr_table(runs, models[-1], value)),
+                      ""]
     if lam_runs is not None and not lam_runs.empty:
         parts += ["CPU-scale LRS per λ (nats; mean over seeds [95 % bootstrap CI]):", "",
                   to_markdown(lrs_by_model(lam_runs)), ""]
