@@ -44,6 +44,14 @@ def test_higher_mu_methods_contradict_a_and_b():
     assert t["(b) lower LRS than z-loss"] == "contradicted"
 
 
+def test_on_par_is_an_equivalence_within_the_margin():
+    from bench.analysis.claims import Comparison, par_verdict
+    small_but_significant = Comparison("muloss", "softcap", False, 6, -0.02, (-0.03, -0.01), 0.03, {})
+    assert par_verdict(small_but_significant) == "supported"
+    assert par_verdict(Comparison("muloss", "softcap", False, 6, 0.5, (0.3, 0.7), 0.03, {})) == "contradicted"
+    assert par_verdict(Comparison("muloss", "softcap", False, 6, 0.1, (-0.2, 0.4), 0.5, {})) == "inconclusive"
+
+
 def test_noise_larger_than_the_effect_shows_nothing():
     t = claims_table(study(mu_excess=0.95, noise=1.0)).set_index("claim")["verdict"]
     assert t["(a) lower LRS than the baseline"] in ("not shown", "mixed")

@@ -16,8 +16,9 @@ sign-flip test gives p < 0.05 (with 3 seeds × 2 models = 6 pairs, the smallest 
 
 - lower-than claims: ``supported`` (ΔLRS < 0, significant), ``contradicted`` (ΔLRS > 0,
   significant), else ``not shown``;
-- on-par claim: ``supported`` when not significant and the 95 % bootstrap CI of the mean
-  ΔLRS lies within ±``PAR_MARGIN`` nats, ``contradicted`` when significant, else ``inconclusive``.
+- on-par claim (an equivalence question): ``supported`` when the 95 % bootstrap CI of the mean
+  ΔLRS lies within ±``PAR_MARGIN`` nats (a significant but smaller difference is still "on
+  par"), ``contradicted`` when the CI lies entirely outside that band, else ``inconclusive``.
 
 (e) compares, per seed, the spread of LRS over the λ grid (max − min) of μ-loss and of z-loss:
 ``supported`` when μ-loss's spread is smaller for every seed (with 3 seeds a sign-flip
@@ -97,10 +98,10 @@ def lower_verdict(c: Comparison) -> str:
 def par_verdict(c: Comparison) -> str:
     if c.n_pairs < 2:
         return "no data"
-    if c.significant:
-        return "contradicted"
     lo, hi = c.ci
-    return "supported" if -PAR_MARGIN <= lo and hi <= PAR_MARGIN else "inconclusive"
+    if -PAR_MARGIN <= lo and hi <= PAR_MARGIN:
+        return "supported"
+    return "contradicted" if lo > PAR_MARGIN or hi < -PAR_MARGIN else "inconclusive"
 
 
 def _overall(verdicts: list[str]) -> str:
