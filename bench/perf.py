@@ -231,7 +231,7 @@ def run_perf(presets: list[str], *, quick: bool, device: str, precision: str, th
             "workers": default[0], "threads": default[1], "best": best["layout"],
             "default_vs_best": row["trials_per_hour"] / best["trials_per_hour"] if row else None}
         if "packed" in sections:
-            pack_presets = [micro.model] + ([] if quick else ["nano"])
+            pack_presets = [micro.model] + (["nano"] if "nano" in presets and not quick else [])
             for name in pack_presets:
                 log(f"timing packed vs unpacked trials of {name}…")
                 result["packed"].append(packed_throughput(micro.replace(model=name), knobs["layout_steps"], cores,
