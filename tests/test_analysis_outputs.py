@@ -200,7 +200,7 @@ def test_claims_writes_published_and_local_tables_and_a_verdict_per_claim(full, 
     assert text in capsys.readouterr().out
     assert "Published LRS" in text and "| 221M |" in text
     assert "CPU-scale LRS" in text and "micro" in text
-    verdicts = re.findall(r"^\| \((\w)\) .*? \| (supported|contradicted|not shown|mixed|inconclusive|no data) \|",
+    verdicts = re.findall(r"^\| \((\w)\) .*? \| (supported|contradicted|not shown|mixed|partly supported|inconclusive|no data) \|",
                           text, re.M)
     assert [c for c, _ in verdicts] == ["a", "b", "c", "d", "d", "d", "e"]
     # the fixture has no soft-capping or mu-centering runs: what it cannot judge says so

@@ -20,6 +20,10 @@ sign-flip test gives p < 0.05 (with 3 seeds × 2 models = 6 pairs, the smallest 
   ΔLRS lies within ±``PAR_MARGIN`` nats (a significant but smaller difference is still "on
   par"), ``contradicted`` when the CI lies entirely outside that band, else ``inconclusive``.
 
+A claim's verdict combines its two methods': ``supported`` / ``contradicted`` when both are,
+``mixed`` when one is contradicted, ``partly supported`` when one is supported and none
+contradicted, else ``not shown``.
+
 (e) compares, per seed, the spread of LRS over the λ grid (max − min) of μ-loss and of z-loss:
 ``supported`` when μ-loss's spread is smaller for every seed (with 3 seeds a sign-flip
 p-value cannot go below 0.25, so consistency across seeds is the criterion, stated as such),
@@ -105,10 +109,13 @@ def par_verdict(c: Comparison) -> str:
 
 
 def _overall(verdicts: list[str]) -> str:
+    """One claim's verdict from its per-method verdicts (μ-centering, μ-loss)."""
     if "contradicted" in verdicts:
         return "contradicted" if all(v == "contradicted" for v in verdicts) else "mixed"
     if verdicts and all(v == "supported" for v in verdicts):
         return "supported"
+    if "supported" in verdicts:
+        return "partly supported"
     return "no data" if all(v == "no data" for v in verdicts) else "not shown"
 
 
