@@ -265,3 +265,13 @@ def test_runs_in_two_precisions_are_two_curves():
     t = lrs_table(runs_frame(rows)).set_index("precision")
     assert t.loc["fp32", "lrs"] == pytest.approx(0.5) and t.loc["bf16-emu", "lrs"] == pytest.approx(1.0)
     assert set(t["setting"]) == {"baseline, fp32", "baseline, bf16-emu"}
+
+
+def test_sensitivity_table_keeps_two_precisions_apart():
+    # the same setting trained in fp32 and in bf16-emu, 2 seeds each: two rows, each tested against its own baseline
+    rows = [{"lr": lr, "final_loss": L, "precision": p, "seed": s, "stabilizer": st}
+            for p in ("fp32", "bf16-emu") for s in (1, 2) for st in ("baseline", "muloss")
+            for lr, L in zip((1e-3, 1e-2), (3.0, 2.5 if st == "baseline" else 2.4))]
+    t = sensitivity_table(runs_frame([{**r, "lam": 1e-4 if r["stabilizer"] == "muloss" else None} for r in rows]))
+    assert len(t) == 4 and t["stabilizer"].str.endswith(("fp32", "bf16-emu")).all()
+    assert (t.loc[t["stabilizer"].str.startswith("muloss"), "ΔLRS vs baseline"] != "").all()

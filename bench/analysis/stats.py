@@ -104,16 +104,17 @@ def compare_to_reference(per_seed: pd.DataFrame, metric: str = "lrs", reference:
                          alpha: float = ALPHA) -> pd.DataFrame:
     """Paired sign-flip test of each curve group's ``metric`` against the reference stabilizer.
 
-    Pairs are the seeds both groups ran, on the same model and weight tying. The reference
+    Pairs are the seeds both groups ran, on the same model, weight tying and precision. The reference
     group is ``reference`` with its first hyperparameter setting (baseline has none).
     Columns: ``model``, ``stabilizer``, ``hp``, ``weight_tying``, ``setting``, ``n_pairs``,
     ``mean``, ``reference_mean``, ``diff`` (mean of paired differences), ``p_value``,
     ``significant`` (True / False, or None when fewer than 2 pairs).
     """
-    cols = ["model", "stabilizer", "hp", "weight_tying", "setting", "n_pairs", "mean", "reference_mean", "diff",
-            "p_value", "significant"]
+    cols = ["model", "stabilizer", "hp", "weight_tying", "precision", "setting", "n_pairs", "mean",
+            "reference_mean", "diff", "p_value", "significant"]
     rows = []
-    for (model, tied), g in per_seed.groupby(["model", "weight_tying"], sort=False, dropna=False):
+    for (model, tied, prec), g in per_seed.groupby(["model", "weight_tying", "precision"], sort=False,
+                                                   dropna=False):
         ref = g[g["stabilizer"] == reference]
         if ref.empty:
             continue
@@ -123,7 +124,7 @@ def compare_to_reference(per_seed: pd.DataFrame, metric: str = "lrs", reference:
             seeds = sorted(set(mine.index) & set(ref.index))
             a, b = mine.loc[seeds].to_numpy(), ref.loc[seeds].to_numpy()
             p = paired_signflip_test(a, b) if len(seeds) >= 2 else math.nan
-            rows.append({"model": model, "stabilizer": stab, "hp": hp, "weight_tying": tied,
+            rows.append({"model": model, "stabilizer": stab, "hp": hp, "weight_tying": tied, "precision": prec,
                          "setting": h["setting"].iloc[0], "n_pairs": len(seeds),
                          "mean": float(np.mean(a)) if seeds else math.nan,
                          "reference_mean": float(np.mean(b)) if seeds else math.nan,

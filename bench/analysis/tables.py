@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from .metrics import divergence_rate, lambda_sensitivity, lrs_table, step_time_overhead
-from .results import (HP_SYMBOLS, format_value, model_order, prepare_runs, setting_order, stabilizer_label,
+from .results import (GROUP, HP_SYMBOLS, format_value, model_order, prepare_runs, setting_order, stabilizer_label,
                       stabilizer_order)
 from .stats import ALPHA, compare_to_reference, seed_summary
 
@@ -69,13 +69,12 @@ def sensitivity_table(runs: pd.DataFrame, reference: str = "baseline") -> pd.Dat
     runs = prepare_runs(runs)
     per_seed = lrs_table(runs, by_seed=True)
     pooled = lrs_table(runs)
-    summary = seed_summary(per_seed).set_index(["model", "stabilizer", "hp", "weight_tying"])
-    tests = compare_to_reference(per_seed, "lrs", reference).set_index(["model", "stabilizer", "hp",
-                                                                        "weight_tying"])
+    summary = seed_summary(per_seed).set_index(GROUP)
+    tests = compare_to_reference(per_seed, "lrs", reference).set_index(GROUP)
     several_seeds = bool((pooled["n_seeds"] > 1).any())
     rows = []
     for r in _ordered(pooled, runs).itertuples(index=False):
-        key = (r.model, r.stabilizer, r.hp, r.weight_tying)
+        key = tuple(getattr(r, k) for k in GROUP)
         s = summary.loc[key]
         t = tests.loc[key] if key in tests.index else None
         rows.append({"model": r.model, "stabilizer": r.setting,
