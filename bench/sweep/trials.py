@@ -94,6 +94,13 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
+def _waiting(study: optuna.Study) -> list[FrozenTrial]:
+    """A study's waiting trials in claiming order: retries first (they usually have a checkpoint
+    to resume from), then by number."""
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    return sorted(waiting, key=lambda t: ("retry_history" not in t.system_attrs, t.number))
+
+
 def retried_numbers(trials: list[FrozenTrial]) -> set[int]:
     """Numbers of trials that have a retry."""
     out: set[int] = set()
@@ -171,15 +178,8 @@ class TrialQueue:
     def claim(self) -> Claim | None:
         """Take the next waiting trial (search: or ask the sampler for a new one); None if none."""
         for study in self.studies.values():
-            waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-            # retries first: they usually have a checkpoint to resume from
-            for t in sorted(waiting, key=lambda t: ("retry_history" not in t.system_attrs, t.number)):
-                try:
-                    if not self.storage.optuna.set_trial_state_values(t._trial_id, TrialState.RUNNING):
-                        continue
-                except UpdateFinishedTrialError:
-                    continue
-                claim = self._accept(study, self.storage.optuna.get_trial(t._trial_id))
+            for t in _waiting(study):
+                claim = self._take(study, t)
                 if claim is not None:
                     return claim
         if self.spec.mode == "search":
@@ -193,21 +193,28 @@ class TrialQueue:
         from ..pack import pack_key
 
         want, out = pack_key(first.config), []
-        waiting = first.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-        for t in sorted(waiting, key=lambda t: ("retry_history" not in t.system_attrs, t.number)):
+        for t in _waiting(first.study):
             if len(out) >= k - 1:
                 break
             try:
                 if pack_key(from_dict(t.user_attrs["config"])) != want:
                     continue
-                if not self.storage.optuna.set_trial_state_values(t._trial_id, TrialState.RUNNING):
-                    continue
-            except (UpdateFinishedTrialError, KeyError, ValueError, TypeError):
-                continue
-            claim = self._accept(first.study, self.storage.optuna.get_trial(t._trial_id))
+            except (KeyError, ValueError, TypeError):
+                continue  # unusable: left for a plain claim, which fails it with its reason
+            claim = self._take(first.study, t)
             if claim is not None:
                 out.append(claim)
         return out
+
+    def _take(self, study: optuna.Study, t: FrozenTrial) -> Claim | None:
+        """Claim waiting trial ``t`` by the atomic WAITING → RUNNING transition, then check it;
+        None if another worker was first or the trial was settled without training."""
+        try:
+            if not self.storage.optuna.set_trial_state_values(t._trial_id, TrialState.RUNNING):
+                return None
+        except UpdateFinishedTrialError:
+            return None
+        return self._accept(study, self.storage.optuna.get_trial(t._trial_id))
 
     def _accept(self, study: optuna.Study, t: FrozenTrial) -> Claim | None:
         """Check a freshly claimed trial; settle duplicates and recorded keys without training."""

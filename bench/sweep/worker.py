@@ -90,6 +90,18 @@ class _DataCache:
         return self._data[k]
 
 
+def _start_attrs(threads: int | None, **attrs) -> dict:
+    """Trial attributes recorded when this worker starts training a trial."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "threads": threads,
+            "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **attrs}
+
+
+def _error_text(e: Exception, url: str | None) -> str:
+    """A failed trial's ``error`` attribute: the exception and the end of its traceback, password-free."""
+    tb = "".join(traceback.format_exception(e)[-6:])
+    return redact(f"{type(e).__name__}: {e}\n{tb}", url)
+
+
 def run_trial(queue: TrialQueue, claim: Claim, data: Callable, log: Log, threads: int | None) -> str:
     """Train one claimed trial; returns 'completed', 'diverged', 'failed' or 'lost'."""
     from ..trainer import train
@@ -100,17 +112,13 @@ def run_trial(queue: TrialQueue, claim: Claim, data: Callable, log: Log, threads
     resumed = checkpoint_step(ckpt, key)
     every = queue.spec.execution.checkpoint_every
     with queue.storage.hold(claim.study, claim.trial_id, claim.number, key) as lease:
-        queue.started(claim, {"host": socket.gethostname(), "pid": os.getpid(), "threads": threads,
-                              "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                              "resumed_from_step": resumed})
+        queue.started(claim, _start_attrs(threads, resumed_from_step=resumed))
         where = f"resuming from checkpoint step {resumed}" if resumed else "start"
         log(f"trial {claim.number} {key} {describe(cfg)}: {where}")
         try:
             result = train(cfg, data=data(cfg), checkpoint=ckpt if every else None, checkpoint_every=every)
         except Exception as e:
-            tb = "".join(traceback.format_exception(e)[-6:])
-            error = redact(f"{type(e).__name__}: {e}\n{tb}", queue.storage.url)
-            queue.fail(claim, error)
+            queue.fail(claim, _error_text(e, queue.storage.url))
             log(f"trial {claim.number} {key}: FAILED {type(e).__name__}: {redact(str(e), queue.storage.url)}")
             return "failed"
         records.write_run(out, result.run, result.curve)
@@ -129,16 +137,13 @@ def run_pack(queue: TrialQueue, claims: list[Claim], data: Callable, log: Log, t
     with ExitStack() as stack:
         leases = [stack.enter_context(queue.storage.hold(c.study, c.trial_id, c.number, c.key)) for c in claims]
         for i, (claim, cfg) in enumerate(zip(claims, cfgs)):
-            queue.started(claim, {"host": socket.gethostname(), "pid": os.getpid(), "threads": threads,
-                                  "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                                  "resumed_from_step": 0, "pack_size": k,
-                                  "pack": [c.number for c in claims]})
+            queue.started(claim, _start_attrs(threads, resumed_from_step=0, pack_size=k,
+                                              pack=[c.number for c in claims]))
             log(f"trial {claim.number} {claim.key} {describe(cfg)}: start (pack member {i + 1}/{k})")
         try:
             results = train_pack(cfgs, data=data(cfgs[0]))
         except Exception as e:
-            tb = "".join(traceback.format_exception(e)[-6:])
-            error = redact(f"{type(e).__name__}: {e}\n{tb}", queue.storage.url)
+            error = _error_text(e, queue.storage.url)
             for claim in claims:
                 queue.fail(claim, error)
             log(f"pack of {k} ({', '.join(str(c.number) for c in claims)}): FAILED {type(e).__name__}: "
@@ -167,9 +172,9 @@ def pack_size(spec: SweepSpec, cfg: RunConfig) -> int:
     do not reproduce exactly)."""
     from ..pack import auto_pack_size
 
-    pack = spec.execution.pack
     if cfg.precision == "bf16-emu":
         return 1
+    pack = spec.execution.pack
     return auto_pack_size(cfg) if pack == "auto" else int(pack)
 
 
