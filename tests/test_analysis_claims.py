@@ -46,10 +46,10 @@ def test_higher_mu_methods_contradict_a_and_b():
 
 def test_on_par_is_an_equivalence_within_the_margin():
     from bench.analysis.claims import Comparison, par_verdict
-    small_but_significant = Comparison("muloss", "softcap", False, 6, -0.02, (-0.03, -0.01), 0.03, {})
+    small_but_significant = Comparison("muloss", "softcap", False, 6, -0.02, (-0.03, -0.01), 0.03)
     assert par_verdict(small_but_significant) == "supported"
-    assert par_verdict(Comparison("muloss", "softcap", False, 6, 0.5, (0.3, 0.7), 0.03, {})) == "contradicted"
-    assert par_verdict(Comparison("muloss", "softcap", False, 6, 0.1, (-0.2, 0.4), 0.5, {})) == "inconclusive"
+    assert par_verdict(Comparison("muloss", "softcap", False, 6, 0.5, (0.3, 0.7), 0.03)) == "contradicted"
+    assert par_verdict(Comparison("muloss", "softcap", False, 6, 0.1, (-0.2, 0.4), 0.5)) == "inconclusive"
 
 
 def test_noise_larger_than_the_effect_shows_nothing():

@@ -34,12 +34,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 
-from .metrics import lrs_table
+from .metrics import lambda_sensitivity, lrs_table
 from .results import model_order, prepare_runs, setting_order, stabilizer_label
-from .stats import bootstrap_ci, paired_signflip_test
+from .stats import bootstrap_ci, paired_signflip_test, seed_summary
 from .tables import fmt, to_markdown
 
 ALPHA = 0.05
@@ -58,7 +57,6 @@ class Comparison:
     diff: float
     ci: tuple[float, float]
     p: float
-    per_model: dict[str, float]
 
     @property
     def significant(self) -> bool:
@@ -81,14 +79,12 @@ def compare(per_seed: pd.DataFrame, method: str, reference: str, tied: bool) -> 
         return s.set_index(["model", "seed"])["lrs"]
 
     a, b = side(method), side(reference)
-    if a.empty or b.empty:
-        return Comparison(method, reference, tied, 0, math.nan, (math.nan, math.nan), math.nan, {})
-    idx = a.index.intersection(b.index)
+    idx = a.index.intersection(b.index) if not (a.empty or b.empty) else []
+    if len(idx) == 0:
+        return Comparison(method, reference, tied, 0, math.nan, (math.nan, math.nan), math.nan)
     d = (a.loc[idx] - b.loc[idx]).to_numpy(dtype=float)
-    per_model = (a.loc[idx] - b.loc[idx]).groupby(level="model").mean().to_dict() if len(idx) else {}
-    return Comparison(method, reference, tied, len(idx), float(d.mean()) if len(d) else math.nan,
-                      bootstrap_ci(d), paired_signflip_test(a.loc[idx], b.loc[idx]) if len(d) >= 2 else math.nan,
-                      per_model)
+    return Comparison(method, reference, tied, len(idx), float(d.mean()), bootstrap_ci(d),
+                      paired_signflip_test(a.loc[idx], b.loc[idx]) if len(d) >= 2 else math.nan)
 
 
 def lower_verdict(c: Comparison) -> str:
@@ -127,19 +123,17 @@ def _evidence(c: Comparison) -> str:
             f"[{lo:+.3f}, {hi:+.3f}], p = {c.p:.3g}, {c.n_pairs} pairs")
 
 
+SPREAD_KEYS = ["model", "weight_tying", "precision", "seed"]
+
+
 def lambda_spreads(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per stabilizer with a λ grid and seed: LRS spread (max − min over λ) and the λ values."""
-    per_seed = lrs_table(runs, by_seed=True)
-    per_seed = per_seed[per_seed["hp_name"] == "lam"]
-    rows = []
-    for (model, stab, tied, seed), g in per_seed.groupby(["model", "stabilizer", "weight_tying", "seed"]):
-        if g["hp_value"].nunique() < 2:
-            continue
-        rows.append({"model": model, "stabilizer": stab, "weight_tying": tied, "seed": seed,
-                     "n_values": g["hp_value"].nunique(), "lrs_min": g["lrs"].min(), "lrs_max": g["lrs"].max(),
-                     "spread": g["lrs"].max() - g["lrs"].min()})
-    return pd.DataFrame(rows, columns=["model", "stabilizer", "weight_tying", "seed", "n_values", "lrs_min",
-                                       "lrs_max", "spread"])
+    """``metrics.lambda_sensitivity`` of each seed's runs, for λ (``hp_name == "lam"``): one row
+    per model × stabilizer × weight tying × precision × seed, with ``lrs_spread`` = max − min LRS
+    over the λ grid."""
+    runs = prepare_runs(runs)
+    per_seed = [lambda_sensitivity(g).assign(seed=seed) for seed, g in runs.groupby("seed")]
+    out = pd.concat(per_seed, ignore_index=True) if per_seed else lambda_sensitivity(runs).assign(seed=0)
+    return out[out["hp_name"] == "lam"]
 
 
 def lambda_verdict(lam_runs: pd.DataFrame | None) -> tuple[str, str]:
@@ -147,8 +141,8 @@ def lambda_verdict(lam_runs: pd.DataFrame | None) -> tuple[str, str]:
     if lam_runs is None or lam_runs.empty:
         return "no data", "no λ sweep given"
     s = lambda_spreads(lam_runs)
-    mu = s[s["stabilizer"] == "muloss"].set_index(["model", "weight_tying", "seed"])["spread"]
-    z = s[s["stabilizer"] == "zloss"].set_index(["model", "weight_tying", "seed"])["spread"]
+    mu = s[s["stabilizer"] == "muloss"].set_index(SPREAD_KEYS)["lrs_spread"]
+    z = s[s["stabilizer"] == "zloss"].set_index(SPREAD_KEYS)["lrs_spread"]
     idx = mu.index.intersection(z.index)
     if len(idx) == 0:
         return "no data", "the λ sweep lacks μ-loss or z-loss over ≥ 2 values of λ"
@@ -180,13 +174,10 @@ def claims_table(runs: pd.DataFrame, lam_runs: pd.DataFrame | None = None) -> pd
 def lrs_by_model(runs: pd.DataFrame, with_ci: bool = True) -> pd.DataFrame:
     """A row per setting (untied first), a column per model: mean LRS over seeds [95 % bootstrap CI]."""
     runs = prepare_runs(runs)
-    per_seed = lrs_table(runs, by_seed=True)
     cells: dict[tuple[str, str], str] = {}
-    for (setting, model), g in per_seed.groupby(["setting", "model"]):
-        x = g["lrs"].to_numpy(dtype=float)
-        lo, hi = bootstrap_ci(x)
-        ci = f" [{fmt(lo)}, {fmt(hi)}]" if with_ci and not math.isnan(lo) else ""
-        cells[(setting, model)] = f"{fmt(float(np.nanmean(x)))}{ci}"
+    for r in seed_summary(lrs_table(runs, by_seed=True), metrics=("lrs",)).itertuples(index=False):
+        ci = f" [{fmt(r.lrs_ci_lo)}, {fmt(r.lrs_ci_hi)}]" if with_ci and not math.isnan(r.lrs_ci_lo) else ""
+        cells[(r.setting, r.model)] = f"{fmt(r.lrs_mean)}{ci}"
     models = model_order(runs)
     out = [{"setting": s, **{m: cells.get((s, m), "") for m in models}} for s in setting_order(runs)]
     return pd.DataFrame(out)
