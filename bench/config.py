@@ -30,6 +30,10 @@ class ConfigError(ValueError):
         super().__init__(f"{where}{key}: {message}")
 
 
+Precision = Literal["auto", "fp32", "bf16", "bf16-emu", "fp64"]
+"""A run's numeric precision (see ``bench.precision``)."""
+
+
 @dataclass(frozen=True)
 class DivergenceConfig:
     """When a run counts as diverged (it then stops and is recorded with the reason).
@@ -78,7 +82,7 @@ class RunConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    precision: Literal["auto", "fp32", "bf16", "bf16-emu", "fp64"] = "auto"  # see bench.precision
+    precision: Precision = "auto"
     eval_every: int = 100
     eval_batches: int = 4
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)

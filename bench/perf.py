@@ -24,6 +24,7 @@ import torch
 from . import provenance, runtime
 from .config import RunConfig, from_dict
 from .model import CPU_PRESETS, STUDY_PRESETS, flops_per_token
+from .precision import resolve_precision
 from .stabilizers import BUILTIN
 
 QUICK = dict(steps=4, warmup_steps=2, rounds=2, layout_trials=2, layout_steps=10)
@@ -193,9 +194,7 @@ def run_perf(presets: list[str], *, quick: bool, device: str, precision: str, th
                           data="synthetic:tokens=200000")).check()
     runtime.set_threads(threads)
     data = load_data(base.data, V)
-    from .trainer import resolve_precision
-
-    prec = resolve_precision(base, dev)
+    prec = resolve_precision(base.precision, dev)
     dtype = torch.bfloat16 if prec == "bf16" else (torch.float64 if prec == "fp64" else torch.float32)
     log(f"measuring {str(dtype).removeprefix('torch.')} GEMM peak on {provenance.device_name(dev)} "
         f"with {torch.get_num_threads()} threads…")
@@ -337,13 +336,14 @@ def main(name: str, args: argparse.Namespace) -> int:
                       log=lambda m: print(m, file=sys.stderr, flush=True))
     print(format_table(result))
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {path}")
+        _write(args.json, json.dumps(result, indent=2) + "\n")
     if args.markdown:
-        path = Path(args.markdown)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(format_markdown(result))
-        print(f"wrote {path}")
+        _write(args.markdown, format_markdown(result))
     return 0
+
+
+def _write(where: str, text: str) -> None:
+    path = Path(where)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(f"wrote {path}")

@@ -31,9 +31,6 @@ from torch.utils._pytree import tree_map
 
 from . import provenance
 
-PRECISIONS = ("auto", "fp32", "bf16", "bf16-emu", "fp64")
-
-
 def resolve_precision(precision: str, device: torch.device) -> str:
     """The concrete precision of ``precision`` on ``device`` ('auto' resolved)."""
     if precision != "auto":

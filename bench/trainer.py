@@ -18,14 +18,13 @@ from typing import Any
 
 import torch
 
-from . import precision as precision_mod
 from . import provenance, records, runtime
 from .config import RunConfig
 from .data import TokenData, load_data
 from .divergence import DivergenceMonitor
 from .losses import cross_entropy_lse
 from .model import GPT
-from .precision import param_dtype, precision_context
+from .precision import param_dtype, precision_context, resolve_precision
 from .stabilizers import OUTPUT_EMBEDDING, LossInputs, Stabilizer, make_stabilizer
 
 
@@ -41,11 +40,6 @@ def resolve_device(cfg: RunConfig) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but CUDA is not available")
     return torch.device(cfg.device)
-
-
-def resolve_precision(cfg: RunConfig, device: torch.device) -> str:
-    """cfg.precision with 'auto' resolved for ``device`` (see bench.precision)."""
-    return precision_mod.resolve_precision(cfg.precision, device)
 
 
 def lr_at(cfg: RunConfig, step: int) -> float:
@@ -130,6 +124,15 @@ def precision_error(model: GPT, x: torch.Tensor, autocast) -> float:
     with autocast:
         run, _ = model(x)
     return float((run.float() - ref.float()).abs().max())
+
+
+def curve_row(cfg: RunConfig, step: int, lr: float, train_loss: float, reg_loss: float, grad_norm: float,
+              logit_mean: float, logit_absmax: float, mean_log2z: float, mu_norm: float) -> dict[str, Any]:
+    """One row of ``curves.parquet`` (``records.CURVE_COLUMNS``) at logging step ``step``;
+    ``val_loss`` is filled in at evaluation steps."""
+    return {"run_id": cfg.key(), "step": step, "lr": lr, "train_loss": train_loss, "reg_loss": reg_loss,
+            "val_loss": None, "grad_norm": grad_norm, "logit_mean": logit_mean, "logit_absmax": logit_absmax,
+            "mean_log2z": mean_log2z, "mu_norm": mu_norm}
 
 
 def build_run_record(cfg: RunConfig, model: GPT, fwd, stab: Stabilizer, val, device: torch.device, autocast,
@@ -224,7 +227,7 @@ def setup(cfg: RunConfig) -> Setup:
     runtime.tune_allocator()
     runtime.set_threads(cfg.threads)
     device = resolve_device(cfg)
-    precision = resolve_precision(cfg, device)
+    precision = resolve_precision(cfg.precision, device)
     autocast = precision_context(precision, device)
     stab = make_stabilizer(cfg.stabilizer, **cfg.hparams)
     torch.manual_seed(cfg.seed)
@@ -320,10 +323,9 @@ def train(cfg: RunConfig, *, data: TokenData | None = None, checkpoint: str | Pa
                 diverged_step, reason = last_checked + i + 1, r
         last_checked = step
         with torch.no_grad():
-            row = {"run_id": cfg.key(), "step": step, "lr": lr_at(cfg, step - 1), "train_loss": rows[-1][0],
-                   "reg_loss": rows[-1][1], "val_loss": None, "grad_norm": rows[-1][2], "logit_mean": float(logits.mean()),
-                   "logit_absmax": float(logits.abs().max()), "mean_log2z": float(lse.square().mean()),
-                   "mu_norm": float(model.output_embedding.float().mean(0).norm())}
+            row = curve_row(cfg, step, lr_at(cfg, step - 1), *rows[-1], float(logits.mean()),
+                            float(logits.abs().max()), float(lse.square().mean()),
+                            float(model.output_embedding.float().mean(0).norm()))
         if is_eval or diverged_step is not None:
             ev = evaluate(fwd, stab, val, device, autocast)
             row["val_loss"] = ev["val_loss"]

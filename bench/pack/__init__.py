@@ -8,9 +8,9 @@
 
 Inside: batched_model.py (the GPT as a function of stacked parameters), store.py (the
 members' parameters as rows of one flat buffer), optim.py (AdamW + clipping per row),
-hooks.py (stabilizer hooks vmapped over per-member hyperparameters), record.py (curve rows;
-run rows are ``trainer.build_run_record``), step.py (one step's gradients: batched body,
-member-chunked loss head).
+hooks.py (stabilizer hooks vmapped over per-member hyperparameters), step.py (one step's
+gradients: batched body, member-chunked loss head). Run and curve rows are the trainer's own
+(``trainer.build_run_record``, ``trainer.curve_row``).
 """
 from .engine import train_pack
 from .grouping import SHARED_FIELDS, auto_pack_size, group_into_packs, pack_key

@@ -3,7 +3,7 @@
 ``packed_forward(mcfg, params, idx, cos, sin)`` computes, for every member k at once,
 what ``GPT.forward`` computes for a model whose parameters are ``params[name][k]``:
 logits (K, B, T, V) and final hidden states (K, B, T, H). All members see the same
-token ids ``idx`` (B, T). Linear layers are batched matmuls (``bmm``) over K, so a pack
+token ids ``idx`` (B, T). Linear layers are batched matmuls over K, so a pack
 runs the same number of kernels as one model, each K times larger.
 
 Why not ``vmap(functional_call(GPT))``: measured on a 2-core AVX2 CPU (fwd+bwd,

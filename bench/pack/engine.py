@@ -31,13 +31,12 @@ from ..config import RunConfig
 from ..data import TokenData, load_data
 from ..divergence import DivergenceMonitor
 from ..model import GPT
-from ..precision import param_dtype, precision_context
-from ..trainer import RunResult, build_run_record, evaluate, lr_at, resolve_device, resolve_precision
+from ..precision import param_dtype, precision_context, resolve_precision
+from ..trainer import RunResult, build_run_record, curve_row, evaluate, lr_at, resolve_device
 from .batched_model import output_embedding_name
 from .grouping import describe_mismatch
 from .hooks import PackedStabilizer
 from .optim import PackedAdamW
-from .record import curve_row
 from .step import PackStep
 from .store import FlatParams
 
@@ -72,7 +71,7 @@ def train_pack(cfgs: list[RunConfig], *, data: TokenData | None = None, progress
     runtime.tune_allocator()
     runtime.set_threads(c0.threads)
     device = resolve_device(c0)
-    precision = resolve_precision(c0, device)
+    precision = resolve_precision(c0.precision, device)
     dtype = param_dtype(precision)
     autocast = precision_context(precision, device)
     data = data or load_data(c0.data, c0.vocab_size)

@@ -52,7 +52,7 @@ from typing import Any, Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..config import ConfigError, RunConfig, from_dict, load_toml
+from ..config import ConfigError, Precision, RunConfig, from_dict, load_toml
 from ..model import PRESETS
 
 # RunConfig fields a sweep sets itself, and where a sweep file sets them instead of [train].
@@ -80,8 +80,7 @@ class GridSpec(_Strict):
     lr: list[float] | None = Field(default=None, min_length=1)  # required in grid mode
     seeds: list[int] = Field(default=[1], min_length=1)
     weight_tying: list[bool] = Field(default=[False], min_length=1)
-    precision: list[Literal["auto", "fp32", "bf16", "bf16-emu", "fp64"]] | None = Field(
-        default=None, min_length=1)  # optional axis; otherwise train.precision
+    precision: list[Precision] | None = Field(default=None, min_length=1)  # optional axis; else train.precision
 
 
 class ExecutionSpec(_Strict):
