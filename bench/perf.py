@@ -3,9 +3,11 @@
 - peak: dense GEMM FLOP/s of the device in the step's dtype, with the threads stabench uses;
 - per preset: steady-state step time (median, p10, p90), tokens/s, FLOPs per token
   (6·N + 12·L·H·T), achieved FLOP/s and MFU = achieved / measured peak;
-- per stabilizer: step-time overhead vs baseline, measured interleaved in this process;
-- sweep layouts: trials/hour of short trials with 1 worker × all cores and 1 worker per core
-  (and packed trials when bench.pack is available).
+- per stabilizer: step-time overhead vs baseline, measured interleaved in this process (with an
+  A/A control), and the cost of its hooks timed alone;
+- sweep layouts: trials/hour of short trials with 1 worker × all cores and 1 worker per core,
+  unpacked and packed (the same measurement serves the sweep engine's default layout and the
+  packed-vs-unpacked factor, with its ceiling at the measured GEMM peak).
 """
 from __future__ import annotations
 
@@ -27,8 +29,8 @@ from .model import CPU_PRESETS, STUDY_PRESETS, flops_per_token
 from .precision import resolve_precision
 from .stabilizers import BUILTIN
 
-QUICK = dict(steps=4, warmup_steps=2, rounds=2, layout_trials=2, layout_steps=10)
-FULL = dict(steps=20, warmup_steps=5, rounds=5, layout_trials=6, layout_steps=150)
+QUICK = dict(steps=4, warmup_steps=2, rounds=2, overhead_steps=3, layout_steps=10)
+FULL = dict(steps=20, warmup_steps=5, rounds=12, overhead_steps=8, layout_steps=150)
 
 
 def _sync(device: torch.device) -> None:
@@ -103,73 +105,131 @@ def preset_row(cfg: RunConfig, data, steps: int, warmup_steps: int, peak: float)
             "flops_per_token": fpt, "achieved_flops": achieved, "peak_flops": peak, "mfu": achieved / peak}
 
 
+AA_CONTROL = "baseline (A/A)"
+"""A second, independently built baseline timed like the stabilizers: its "overhead" is the
+resolution of the whole-step comparison on this machine (it would be 0 on a quiet one)."""
+
+
 def stabilizer_overhead(base: RunConfig, data, rounds: int, steps: int, warmup_steps: int) -> list[dict[str, Any]]:
-    """Median step time per stabilizer, rounds interleaved so machine noise hits all alike."""
+    """Median step time per stabilizer on ``base.model`` and its overhead vs baseline, two ways.
+
+    Whole step: rounds are interleaved (every stabilizer runs ``steps`` steps per round, in
+    turn) and ``overhead`` is the median over rounds of (median step this round / baseline's
+    median step this round) − 1, so slow drifts of a shared machine cancel within each round;
+    the A/A control row shows how far two identical baselines still differ.
+    Hooks alone: ``hook_s`` is the time of the stabilizer's own work (its hooks' forward and
+    backward, see ``hook_time``) and ``hook_overhead`` = hook_s / baseline step, which resolves
+    costs well below the whole-step noise.
+    """
     hp = {"zloss": {"lam": 1e-4}, "muloss": {"lam": 1e-4}, "softcap": {"cap": 30.0}}
     timers = {name: StepTimer(base.replace(stabilizer=name, hparams=hp.get(name, {})), data) for name in BUILTIN}
+    timers[AA_CONTROL] = StepTimer(base.replace(stabilizer="baseline"), data)
     for t in timers.values():
         t.run(warmup_steps)
     samples: dict[str, list[float]] = {name: [] for name in timers}
+    ratios: dict[str, list[float]] = {name: [] for name in timers}
     for _ in range(rounds):
-        for name, t in timers.items():
-            samples[name] += t.run(steps)
+        block = {name: statistics.median(t.run(steps)) for name, t in timers.items()}
+        for name, v in block.items():
+            samples[name].append(v)
+            ratios[name].append(v / block["baseline"])
     med = {name: statistics.median(v) for name, v in samples.items()}
-    return [{"stabilizer": name, "step_time_s": med[name], "overhead": med[name] / med["baseline"] - 1}
-            for name in timers]
-
-
-_DATA_CACHE: dict = {}
-
-
-def _layout_trial(cfg_dict: dict[str, Any]) -> bool:
-    """One short trial in a worker process (data cached per process, as sweep workers do)."""
-    from .data import load_data
-    from .trainer import train
-
-    cfg = from_dict(cfg_dict)
-    key = (cfg.data, cfg.vocab_size)
-    if key not in _DATA_CACHE:
-        _DATA_CACHE[key] = load_data(cfg.data, cfg.vocab_size)
-    return train(cfg, data=_DATA_CACHE[key]).run["diverged"]
-
-
-def layout_throughput(base: RunConfig, n_trials: int, steps: int, cores: int) -> list[dict[str, Any]]:
-    """Trials/hour of ``n_trials`` short trials under each local layout (workers × threads)."""
-    from joblib import Parallel, delayed
-
-    layouts = sorted({(1, cores), (cores, 1)} | ({(cores // 2, 2)} if cores >= 4 else set()))
     rows = []
-    for workers, threads in layouts:
-        cfgs = [base.replace(steps=steps, warmup=min(base.warmup, steps // 2), eval_every=steps, threads=threads,
-                             lr=base.lr * (1 + i / 10)).to_dict() for i in range(n_trials)]
-        with Parallel(n_jobs=workers, backend="loky") as par:
-            par(delayed(_layout_trial)(cfgs[0]) for _ in range(workers))  # start workers, warm caches
-            t = time.perf_counter()
-            par(delayed(_layout_trial)(c) for c in cfgs)
-            wall = time.perf_counter() - t
-        rows.append({"layout": f"{workers} worker(s) x {threads} thread(s)", "workers": workers,
-                     "threads": threads, "trials": n_trials, "steps": steps, "wall_s": wall,
-                     "trials_per_hour": n_trials / wall * 3600})
+    for name, t in timers.items():
+        hook = hook_time(t.s, t.batches[0][1])
+        rows.append({"preset": base.model, "stabilizer": name, "step_time_s": med[name], "round_ratios": ratios[name],
+                     "overhead": statistics.median(ratios[name]) - 1,
+                     "hook_s": hook, "hook_overhead": hook / med["baseline"]})
+    floor = softcap_floor(base, timers["baseline"].s.device)
+    rows[list(timers).index("softcap")].update(floor_s=floor, floor_overhead=floor / med["baseline"])
     return rows
+
+
+def hook_time(s, y: torch.Tensor, reps: int = 20) -> float:
+    """Median seconds of one step's stabilizer work, timed alone on the Setup ``s`` with targets y (B, T):
+    ``transform_logits`` forward + backward on (B, T, V) logits, ``loss_term`` forward + backward
+    (its inputs as the trainer builds them; gradients land in throwaway tensors) and
+    ``apply_after_step`` on the model. Hooks a stabilizer does not override cost 0, as in the trainer."""
+    from .stabilizers import LossInputs
+    from .trainer import apply_after_step
+
+    stab, model, dev = s.stab, s.model, s.device
+    has = {h: type(stab).has_hook(h) for h in ("transform_logits", "loss_term", "after_step")}
+    if not any(has.values()):
+        return 0.0
+    B, T = y.shape
+    logits = torch.randn(B, T, model.cfg.vocab_size, device=dev, requires_grad=True)
+    g = torch.randn_like(logits)
+    lse = torch.randn(B, T, device=dev, requires_grad=True)
+    hidden = torch.randn(B, T, model.cfg.n_embd, device=dev, requires_grad=True)
+    E = model.output_embedding.detach().clone().requires_grad_()
+    times = []
+    for _ in range(reps + 2):
+        _sync(dev)
+        t = time.perf_counter()
+        out = logits
+        if has["transform_logits"]:
+            out = stab.transform_logits(logits)
+            out.backward(g)
+        if has["loss_term"]:
+            reg = stab.loss_term(LossInputs(out.detach().requires_grad_(), lse, hidden, E))
+            if reg is not None:
+                reg.backward()
+        if has["after_step"]:
+            apply_after_step(model, stab)
+        _sync(dev)
+        times.append(time.perf_counter() - t)
+        logits.grad = lse.grad = hidden.grad = E.grad = None
+    return statistics.median(times[2:])
+
+
+def softcap_floor(cfg: RunConfig, device: torch.device, reps: int = 20) -> float:
+    """Seconds of the least work any soft-capping adds to a step: one transcendental pass forward
+    (ATen's sigmoid, its cheapest on CPU) and one fused pass backward (tanh_backward) over the
+    (batch·seq, V) float32 logits, each into a fresh buffer as autograd does, median of ``reps``."""
+    x = torch.randn(cfg.batch_size * cfg.seq_len, cfg.vocab_size, device=device)
+    g = torch.randn_like(x)
+    times = []
+    for _ in range(reps + 2):
+        _sync(device)
+        t = time.perf_counter()
+        torch.ops.aten.tanh_backward(g, torch.sigmoid(x))
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[2:])
 
 
 PACK_K = 4  # members per pack in the comparison: one pack per worker in the C×1 layout
 
 
-def packed_throughput(base: RunConfig, steps: int, cores: int, log=print) -> dict[str, Any]:
-    """Trials/hour of ``base``'s preset packed (K = PACK_K) vs unpacked, all four layouts, one run.
+def packed_throughput(base: RunConfig, steps: int, cores: int, peak: float, packed: bool = True,
+                      log=print) -> dict[str, Any]:
+    """Trials/hour of ``base``'s preset packed (K = PACK_K) vs unpacked, all four layouts, one run
+    (``packed=False``: the two unpacked layouts only).
 
-    Every layout trains the same PACK_K × cores short trials (learning rates spread as in the
-    layout rows, one data seed). ``factor`` = best packed / best unpacked trials per hour.
+    Every layout trains the same PACK_K × cores short trials (learning rates base.lr·(1 + i/10),
+    one data seed) on fresh worker processes, warmed up before timing as sweep workers are.
+    ``factor`` = best packed / best unpacked trials per hour.
+    Each row also gets the training FLOP/s its trials achieved (6·N + attention per token, evaluation
+    not counted, so a lower bound) and its MFU against ``peak``; ``ceiling`` = peak / the best
+    unpacked layout's FLOP/s is the factor a pack would reach if it ran at the measured GEMM peak:
+    no packing can beat it on this machine.
     """
     from .pack.throughput import LAYOUTS, measure_pack_throughput, speedup
 
-    rows = measure_pack_throughput(base, PACK_K, steps, n_trials=PACK_K * cores, cores=cores, layouts=LAYOUTS,
+    layouts = LAYOUTS if packed else tuple(x for x in LAYOUTS if x.startswith("unpacked"))
+    rows = measure_pack_throughput(base, PACK_K, steps, n_trials=PACK_K * cores, cores=cores, layouts=layouts,
                                    log=log)
+    flops_per_trial = steps * base.batch_size * base.seq_len * flops_per_token(base.model_config())
+    for r in rows:
+        r["achieved_flops"] = r["trials"] * flops_per_trial / r["wall_s"]
+        r["mfu"] = r["achieved_flops"] / peak
     s = speedup(rows)
-    return {"preset": base.model, "k": PACK_K, "trials": PACK_K * cores, "steps": steps, "rows": rows,
-            "best_packed": s["best_packed"]["layout"], "best_unpacked": s["best_unpacked"]["layout"],
-            "factor": s["factor"]}
+    out = {"preset": base.model, "k": PACK_K, "trials": PACK_K * cores, "steps": steps, "rows": rows,
+           "best_unpacked": s["best_unpacked"]["layout"], "ceiling": peak / s["best_unpacked"]["achieved_flops"]}
+    if packed:
+        out.update(best_packed=s["best_packed"]["layout"], factor=s["factor"])
+    return out
 
 
 def machine() -> dict[str, Any]:
@@ -180,7 +240,7 @@ def machine() -> dict[str, Any]:
 
 def run_perf(presets: list[str], *, quick: bool, device: str, precision: str, threads: int | None,
              batch_size: int, seq_len: int, vocab_size: int | None, compile_: bool,
-             sections: set[str], overhead_preset: str | None = None, log=print) -> dict[str, Any]:
+             sections: set[str], overhead_presets: list[str] | None = None, log=print) -> dict[str, Any]:
     from .data import load_data
 
     knobs = QUICK if quick else FULL
@@ -213,14 +273,19 @@ def run_perf(presets: list[str], *, quick: bool, device: str, precision: str, th
         row = preset_row(base.replace(model=name), data, knobs["steps"], knobs["warmup_steps"], peak["flops"])
         result["presets"].append(row)
     if "overhead" in sections:
-        over = base.replace(model=overhead_preset or presets[0])
-        log(f"timing stabilizer overhead on {over.model} (interleaved)…")
-        result["overhead"] = stabilizer_overhead(over, data, knobs["rounds"], knobs["steps"], knobs["warmup_steps"])
-        result["settings"]["overhead_preset"] = over.model
+        result["settings"]["overhead_presets"] = overhead_presets or presets[:1]
+        for name in result["settings"]["overhead_presets"]:
+            log(f"timing stabilizer overhead on {name} (interleaved)…")
+            result["overhead"] += stabilizer_overhead(base.replace(model=name), data, knobs["rounds"],
+                                                      knobs["overhead_steps"], knobs["warmup_steps"])
     if "layouts" in sections and dev.type == "cpu":
         micro = base.replace(model="micro" if "micro" in presets or not quick else presets[0], threads=None)
-        log(f"timing sweep layouts on {micro.model} ({knobs['layout_trials']} trials × {knobs['layout_steps']} steps)…")
-        result["layouts"] = layout_throughput(micro, knobs["layout_trials"], knobs["layout_steps"], cores)
+        log(f"timing sweep layouts on {micro.model}" + (", unpacked and packed…" if "packed" in sections else "…"))
+        first = packed_throughput(micro, knobs["layout_steps"], cores, peak["flops"], packed="packed" in sections,
+                                  log=log)
+        # the sweep layouts are the unpacked rows: one measurement serves both comparisons
+        result["layouts"] = [{**r, "layout": r["layout"].removeprefix("unpacked ")} for r in first["rows"]
+                             if r["layout"].startswith("unpacked")]
         from .sweep.local import THREADS_PER_WORKER
 
         default = (max(1, cores // THREADS_PER_WORKER), min(THREADS_PER_WORKER, cores))
@@ -230,11 +295,11 @@ def run_perf(presets: list[str], *, quick: bool, device: str, precision: str, th
             "workers": default[0], "threads": default[1], "best": best["layout"],
             "default_vs_best": row["trials_per_hour"] / best["trials_per_hour"] if row else None}
         if "packed" in sections:
-            pack_presets = [micro.model] + (["nano"] if "nano" in presets and not quick else [])
-            for name in pack_presets:
-                log(f"timing packed vs unpacked trials of {name}…")
-                result["packed"].append(packed_throughput(micro.replace(model=name), knobs["layout_steps"], cores,
-                                                          log=log))
+            result["packed"].append(first)
+            if "nano" in presets and micro.model != "nano" and not quick:
+                log("timing packed vs unpacked trials of nano…")
+                result["packed"].append(packed_throughput(micro.replace(model="nano"), knobs["layout_steps"], cores,
+                                                          peak["flops"], log=log))
     return result
 
 
@@ -248,8 +313,11 @@ def format_table(result: dict[str, Any]) -> str:
                    f"{r['step_time_p10_s'] * 1e3:>6.1f}-{r['step_time_p90_s'] * 1e3:<6.1f} {r['tokens_per_s']:>10.0f} "
                    f"{r['achieved_flops'] / 1e9:>8.1f} {r['mfu']:>6.1%}")
     if result["overhead"]:
-        out += ["", f"{'stabilizer':12} {'step ms':>8} {'overhead':>9}"]
-        out += [f"{r['stabilizer']:12} {r['step_time_s'] * 1e3:>8.2f} {r['overhead']:>+9.1%}" for r in result["overhead"]]
+        out += ["", f"{'preset':8} {'stabilizer':14} {'step ms':>8} {'overhead':>9}"]
+        out[-1] += f" {'hooks alone':>12}"
+        out += [f"{r.get('preset', ''):8} {r['stabilizer']:14} {r['step_time_s'] * 1e3:>8.2f} {r['overhead']:>+9.1%}"
+                f" {r.get('hook_overhead', float('nan')):>+12.1%}"
+                + (f"  (floor {r['floor_overhead']:+.1%})" if "floor_s" in r else "") for r in result["overhead"]]
     if result["layouts"]:
         out += ["", f"{'sweep layout':36} {'trials/hour':>12}"]
         out += [f"{r['layout']:36} {r['trials_per_hour']:>12.0f}" for r in result["layouts"]]
@@ -260,7 +328,8 @@ def format_table(result: dict[str, Any]) -> str:
     for p in result["packed"]:
         out += ["", f"{p['preset']}: {p['trials']} trials x {p['steps']} steps {'':6} {'trials/hour':>12}"]
         out += [f"{r['layout']:44} {r['trials_per_hour']:>12.0f}" for r in p["rows"]]
-        out.append(f"best packed / best unpacked: {p['factor']:.2f}x")
+        out.append(f"best packed / best unpacked: {p['factor']:.2f}x "
+                   f"(ceiling at the GEMM peak: {p['ceiling']:.2f}x)")
     return "\n".join(out)
 
 
@@ -277,13 +346,30 @@ def format_markdown(result: dict[str, Any]) -> str:
             f"{r['step_time_p10_s'] * 1e3:.1f}–{r['step_time_p90_s'] * 1e3:.1f} | {r['tokens_per_s']:.0f} | "
             f"{r['achieved_flops'] / 1e9:.1f} | {r['mfu']:.0%} |" for r in result["presets"]]
     if result["overhead"]:
-        out += ["", f"Stabilizer overhead on `{st.get('overhead_preset', '')}` (interleaved rounds, median step):", "",
-                "| stabilizer | step (ms) | overhead vs baseline |", "|---|---|---|"]
-        out += [f"| `{r['stabilizer']}` | {r['step_time_s'] * 1e3:.1f} | {r['overhead']:+.1%} |"
-                for r in result["overhead"]]
+        over = [p for p in st.get("overhead_presets", []) if any(r.get("preset") == p for r in result["overhead"])]
+        over = over or [""]
+        cell = {(r.get("preset", ""), r["stabilizer"]): r for r in result["overhead"]}
+        out += ["", f"Stabilizer overhead vs baseline: whole step (median over {st['rounds']} interleaved rounds of "
+                    "the per-round ratio) and the stabilizer's hooks timed alone (forward + backward), "
+                    "as a fraction of the baseline step:", "",
+                "| stabilizer | " + " | ".join(f"`{p}` step (ms) | `{p}` whole step | `{p}` hooks alone"
+                                             for p in over) + " |",
+                "|---|" + "---|---|---|" * len(over)]
+        for name in dict.fromkeys(r["stabilizer"] for r in result["overhead"]):
+            label = f"`{name}`" if name != AA_CONTROL else f"{name}: a second baseline, the noise"
+            out.append(f"| {label} | " + " | ".join(
+                f"{cell[p, name]['step_time_s'] * 1e3:.1f} | {cell[p, name]['overhead']:+.1%} | "
+                f"{cell[p, name].get('hook_overhead', float('nan')):+.1%}" for p in over) + " |")
+        floors = [cell[p, "softcap"] for p in over if "floor_s" in cell.get((p, "softcap"), {})]
+        if floors:
+            out += ["", "Floor of any soft-capping (one sigmoid pass forward, one tanh-backward pass backward over "
+                        f"the {st['batch_size'] * st['seq_len']} × {st['vocab_size']} logits, timed alone): "
+                    + ", ".join(f"{r['floor_s'] * 1e3:.1f} ms = {r['floor_overhead']:+.1%} of a `{r['preset']}` "
+                                "baseline step" for r in floors) + "."]
     if result["layouts"]:
         r0 = result["layouts"][0]
-        out += ["", f"Sweep throughput, {r0['trials']} `micro` trials of {r0['steps']} steps:", "",
+        out += ["", f"Sweep throughput, {r0['trials']} `micro` trials of {r0['steps']} steps, unpacked (fresh worker "
+                    "processes, warmed up before timing):", "",
                 "| layout | trials/hour |", "|---|---|"]
         out += [f"| {r['layout']} | {r['trials_per_hour']:.0f} |" for r in result["layouts"]]
         d = result.get("default_layout")
@@ -292,9 +378,11 @@ def format_markdown(result: dict[str, Any]) -> str:
                         f"{d['default_vs_best']:.0%} of the best layout ({d['best']})."]
     for p in result["packed"]:
         out += ["", f"Packed vs unpacked, {p['trials']} `{p['preset']}` trials of {p['steps']} steps "
-                    f"(K = {p['k']}): best packed / best unpacked = **{p['factor']:.2f}×**", "",
-                "| layout | trials/hour |", "|---|---|"]
-        out += [f"| {r['layout']} | {r['trials_per_hour']:.0f} |" for r in p["rows"]]
+                    f"(K = {p['k']}): best packed / best unpacked = **{p['factor']:.2f}×**; at the measured GEMM "
+                    f"peak a pack could reach at most **{p['ceiling']:.2f}×**", "",
+                "| layout | trials/hour | training GFLOP/s | MFU |", "|---|---|---|---|"]
+        out += [f"| {r['layout']} | {r['trials_per_hour']:.0f} | {r['achieved_flops'] / 1e9:.1f} | {r['mfu']:.0%} |"
+                for r in p["rows"]]
     return "\n".join(out) + "\n"
 
 
@@ -312,9 +400,9 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-size", type=int, default=None, help="default 8192 on CPU, 50304 on CUDA")
     p.add_argument("--compile", action="store_true", help="time torch.compile'd models")
     p.add_argument("--skip", action="append", default=[], choices=["overhead", "layouts", "packed"])
-    p.add_argument("--overhead-preset", default=None,
-                   help="preset for the stabilizer overhead (default: micro on CPU, 16M on CUDA, if timed; "
-                        "else the first preset)")
+    p.add_argument("--overhead-preset", action="append", default=None,
+                   help="preset for the stabilizer overhead (repeatable; default: micro on CPU, 16M on CUDA, "
+                        "else the first timed preset, plus the largest timed preset)")
 
 
 def main(name: str, args: argparse.Namespace) -> int:
@@ -327,12 +415,14 @@ def main(name: str, args: argparse.Namespace) -> int:
     if bad:
         raise UsageError(f"unknown preset {bad[0]!r}; allowed: {', '.join(PRESETS)}")
     sections = {"overhead", "layouts", "packed"} - set(args.skip)
-    over = args.overhead_preset or next((p for p in ("micro", "16M") if p in presets), presets[0])
-    if over not in PRESETS:
-        raise UsageError(f"unknown preset {over!r}; allowed: {', '.join(PRESETS)}")
+    over = args.overhead_preset or list(dict.fromkeys(
+        [next((p for p in ("micro", "16M") if p in presets), presets[0]), max(presets, key=list(PRESETS).index)]))
+    bad = [p for p in over if p not in PRESETS]
+    if bad:
+        raise UsageError(f"unknown preset {bad[0]!r}; allowed: {', '.join(PRESETS)}")
     result = run_perf(presets, quick=args.quick, device=args.device, precision=args.precision,
                       threads=args.threads, batch_size=args.batch_size, seq_len=args.seq_len,
-                      vocab_size=args.vocab_size, compile_=args.compile, sections=sections, overhead_preset=over,
+                      vocab_size=args.vocab_size, compile_=args.compile, sections=sections, overhead_presets=over,
                       log=lambda m: print(m, file=sys.stderr, flush=True))
     print(format_table(result))
     if args.json:

@@ -2,13 +2,15 @@
 import json
 import os
 import math
+import statistics
 
 from test_external_stabilizer import stabench
 
 
 def test_perf_quick_writes_consistent_json(tmp_path):
     out = tmp_path / "perf.json"
-    r = stabench(["perf", "--quick", "--preset", "nano", "--skip", "layouts", "--json", str(out)])
+    r = stabench(["perf", "--quick", "--preset", "nano", "--skip", "layouts", "--overhead-preset", "nano",
+                  "--overhead-preset", "micro", "--json", str(out)])
     assert r.returncode == 0, r.stderr
     assert "MFU" in r.stdout and "overhead" in r.stdout
     res = json.loads(out.read_text())
@@ -22,12 +24,21 @@ def test_perf_quick_writes_consistent_json(tmp_path):
     assert math.isclose(row["achieved_flops"], row["flops_per_token"] * row["tokens_per_s"], rel_tol=1e-9)
     assert math.isclose(row["mfu"], row["achieved_flops"] / peak["flops"], rel_tol=1e-9)
     assert 0 < row["mfu"] < 1.5  # a ratio against the measured peak, not an absolute guess
-    names = {o["stabilizer"] for o in res["overhead"]}
-    assert names == {"baseline", "zloss", "softcap", "muloss", "mucentering"}
-    base = next(o for o in res["overhead"] if o["stabilizer"] == "baseline")
-    assert base["overhead"] == 0.0
-    for o in res["overhead"]:
-        assert math.isclose(o["overhead"], o["step_time_s"] / base["step_time_s"] - 1, rel_tol=1e-9, abs_tol=1e-12)
+    assert res["settings"]["overhead_presets"] == ["nano", "micro"]
+    for preset in ("nano", "micro"):  # each preset's overheads are relative to its own baseline
+        rows = [o for o in res["overhead"] if o["preset"] == preset]
+        assert {o["stabilizer"] for o in rows} == {"baseline", "zloss", "softcap", "muloss", "mucentering",
+                                                   "baseline (A/A)"}
+        base = next(o for o in rows if o["stabilizer"] == "baseline")
+        assert base["overhead"] == 0.0 and base["round_ratios"] == [1.0] * res["settings"]["rounds"]
+        for o in rows:  # the median over rounds of each round's step-time ratio to baseline
+            assert len(o["round_ratios"]) == res["settings"]["rounds"] and o["step_time_s"] > 0
+            assert math.isclose(o["overhead"], statistics.median(o["round_ratios"]) - 1, rel_tol=1e-9, abs_tol=1e-12)
+            assert math.isclose(o["hook_overhead"], o["hook_s"] / base["step_time_s"], rel_tol=1e-9)
+            # only what a stabilizer adds is timed: a baseline's hooks do nothing and cost nothing
+            assert (o["hook_s"] == 0) == o["stabilizer"].startswith("baseline")
+        cap = next(o for o in rows if o["stabilizer"] == "softcap")
+        assert cap["floor_s"] > 0 and math.isclose(cap["floor_overhead"], cap["floor_s"] / base["step_time_s"])
 
 
 def test_perf_layouts_report_trials_per_hour(tmp_path):
@@ -61,5 +72,15 @@ def test_perf_compares_packed_and_unpacked_trials_and_writes_markdown(tmp_path):
     best = {kind: max(x["trials_per_hour"] for x in packed["rows"] if x["layout"].startswith(kind))
             for kind in ("packed", "unpacked")}
     assert math.isclose(packed["factor"], best["packed"] / best["unpacked"], rel_tol=1e-9)
+    res = json.loads(out.read_text())
+    peak = res["peak"]["float32"]["flops"]
+    for row in packed["rows"]:  # training FLOPs of the trials over the wall time, against the same peak
+        assert math.isclose(row["mfu"], row["achieved_flops"] / peak, rel_tol=1e-9)
+        assert math.isclose(row["achieved_flops"] / row["trials_per_hour"] * 3600,
+                            row["steps"] * 8 * 64 * res["presets"][0]["flops_per_token"], rel_tol=1e-9)
+    unpacked_best = max((x for x in packed["rows"] if x["layout"].startswith("unpacked")),
+                        key=lambda x: x["trials_per_hour"])
+    assert math.isclose(packed["ceiling"], peak / unpacked_best["achieved_flops"], rel_tol=1e-9)
     text = md.read_text()
     assert "| `nano` |" in text and f"= **{packed['factor']:.2f}×**" in text and "MFU" in text
+    assert f"at most **{packed['ceiling']:.2f}×**" in text
