@@ -81,6 +81,11 @@ def test_perf_compares_packed_and_unpacked_trials_and_writes_markdown(tmp_path):
     unpacked_best = max((x for x in packed["rows"] if x["layout"].startswith("unpacked")),
                         key=lambda x: x["trials_per_hour"])
     assert math.isclose(packed["ceiling"], peak / unpacked_best["achieved_flops"], rel_tol=1e-9)
+    # the tighter ceiling adds the softmax's own passes to the matmuls' time at peak, per trial
+    flops_per_trial = unpacked_best["achieved_flops"] * unpacked_best["wall_s"] / unpacked_best["trials"]
+    t_min = flops_per_trial / peak + packed["steps"] * packed["softmax_floor_s"]
+    assert packed["softmax_floor_s"] > 0 and packed["ceiling_softmax"] < packed["ceiling"]
+    assert math.isclose(packed["ceiling_softmax"], 3600 / unpacked_best["trials_per_hour"] / t_min, rel_tol=1e-9)
     text = md.read_text()
     assert "| `nano` |" in text and f"= **{packed['factor']:.2f}×**" in text and "MFU" in text
-    assert f"at most **{packed['ceiling']:.2f}×**" in text
+    assert f"at most **{packed['ceiling']:.2f}×**" in text and f"at most **{packed['ceiling_softmax']:.2f}×**" in text
