@@ -244,7 +244,7 @@ def packed_throughput(base: RunConfig, steps: int, cores: int, peak: float, pack
         r["achieved_flops"] = r["trials"] * flops_per_trial / r["wall_s"]
         r["mfu"] = r["achieved_flops"] / peak
     s = speedup(rows)
-    floor = softmax_floor(base, torch.device(base.device if base.device != "auto" else "cpu"))
+    floor = softmax_floor(base, torch.device(base.device))
     best_trial_s = 3600 / s["best_unpacked"]["trials_per_hour"]
     out = {"preset": base.model, "k": PACK_K, "trials": PACK_K * cores, "steps": steps, "rows": rows,
            "best_unpacked": s["best_unpacked"]["layout"], "ceiling": peak / s["best_unpacked"]["achieved_flops"],
@@ -336,8 +336,7 @@ def format_table(result: dict[str, Any]) -> str:
                    f"{r['step_time_p10_s'] * 1e3:>6.1f}-{r['step_time_p90_s'] * 1e3:<6.1f} {r['tokens_per_s']:>10.0f} "
                    f"{r['achieved_flops'] / 1e9:>8.1f} {r['mfu']:>6.1%}")
     if result["overhead"]:
-        out += ["", f"{'preset':8} {'stabilizer':14} {'step ms':>8} {'overhead':>9}"]
-        out[-1] += f" {'hooks alone':>12}"
+        out += ["", f"{'preset':8} {'stabilizer':14} {'step ms':>8} {'overhead':>9} {'hooks alone':>12}"]
         out += [f"{r.get('preset', ''):8} {r['stabilizer']:14} {r['step_time_s'] * 1e3:>8.2f} {r['overhead']:>+9.1%}"
                 f" {r.get('hook_overhead', float('nan')):>+12.1%}"
                 + (f"  (floor {r['floor_overhead']:+.1%})" if "floor_s" in r else "") for r in result["overhead"]]
