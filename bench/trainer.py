@@ -237,7 +237,7 @@ def setup(cfg: RunConfig) -> Setup:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                            fused=device.type == "cuda")
+                            fused=device.type == "cuda", foreach=device.type != "cuda" or None)
     fwd = torch.compile(model) if cfg.compile else model
     return Setup(cfg, device, precision, autocast, stab, model, fwd, opt)
 
@@ -260,7 +260,7 @@ def train_step(s: Setup, x: torch.Tensor, y: torch.Tensor, step: int):
         ((ce + reg) / n_micro).backward()
         ce_acc, reg_acc = ce_acc + ce.detach() / n_micro, reg_acc + reg.detach() / n_micro
     clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), clip, foreach=True)
     s.opt.step()
     s.opt.zero_grad(set_to_none=True)
     if type(s.stab).has_hook("after_step"):
