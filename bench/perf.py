@@ -38,22 +38,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def median_seconds(fn, device: torch.device, reps: int, warmup: int = 2, after=None) -> float:
+    """Median wall seconds of ``fn()`` over ``reps`` timed calls after ``warmup`` untimed ones,
+    the device synchronized around each; ``after()`` (untimed) runs after every call."""
+    times = []
+    for i in range(warmup + reps):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+        if after is not None:
+            after()
+    return statistics.median(times)
+
+
 def gemm_peak(dtype: torch.dtype, device: torch.device, sizes=(512, 1024, 2048), reps: int = 5) -> dict[str, Any]:
     """Best dense matmul FLOP/s over square sizes (median of ``reps`` timings per size)."""
     best, at = 0.0, 0
     for n in sizes:
         a = torch.randn(n, n, device=device).to(dtype)
         b = torch.randn(n, n, device=device).to(dtype)
-        for _ in range(2):
-            a @ b
-        times = []
-        for _ in range(reps):
-            _sync(device)
-            t = time.perf_counter()
-            a @ b
-            _sync(device)
-            times.append(time.perf_counter() - t)
-        flops = 2 * n**3 / statistics.median(times)
+        flops = 2 * n**3 / median_seconds(lambda: a @ b, device, reps)
         if flops > best:
             best, at = flops, n
     return {"dtype": str(dtype).removeprefix("torch."), "flops": best, "size": at}
@@ -163,10 +170,8 @@ def hook_time(s, y: torch.Tensor, reps: int = 20) -> float:
     lse = torch.randn(B, T, device=dev, requires_grad=True)
     hidden = torch.randn(B, T, model.cfg.n_embd, device=dev, requires_grad=True)
     E = model.output_embedding.detach().clone().requires_grad_()
-    times = []
-    for _ in range(reps + 2):
-        _sync(dev)
-        t = time.perf_counter()
+
+    def hooks() -> None:
         out = logits
         if has["transform_logits"]:
             out = stab.transform_logits(logits)
@@ -177,10 +182,11 @@ def hook_time(s, y: torch.Tensor, reps: int = 20) -> float:
                 reg.backward()
         if has["after_step"]:
             apply_after_step(model, stab)
-        _sync(dev)
-        times.append(time.perf_counter() - t)
+
+    def drop_grads() -> None:
         logits.grad = lse.grad = hidden.grad = E.grad = None
-    return statistics.median(times[2:])
+
+    return median_seconds(hooks, dev, reps, after=drop_grads)
 
 
 def softmax_floor(cfg: RunConfig, device: torch.device, reps: int = 20) -> float:
@@ -188,14 +194,7 @@ def softmax_floor(cfg: RunConfig, device: torch.device, reps: int = 20) -> float
     (batch·seq, V) float32 logits into a fresh buffer and one in-place pass over the result (the
     backward's probabilities times the incoming gradient), median of ``reps``, with this process's threads."""
     x = torch.randn(cfg.batch_size * cfg.seq_len, cfg.vocab_size, device=device)
-    times = []
-    for _ in range(reps + 2):
-        _sync(device)
-        t = time.perf_counter()
-        torch.exp(x).mul_(0.5)
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times[2:])
+    return median_seconds(lambda: torch.exp(x).mul_(0.5), device, reps)
 
 
 def softcap_floor(cfg: RunConfig, device: torch.device, reps: int = 20) -> float:
@@ -204,14 +203,7 @@ def softcap_floor(cfg: RunConfig, device: torch.device, reps: int = 20) -> float
     (batch·seq, V) float32 logits, each into a fresh buffer as autograd does, median of ``reps``."""
     x = torch.randn(cfg.batch_size * cfg.seq_len, cfg.vocab_size, device=device)
     g = torch.randn_like(x)
-    times = []
-    for _ in range(reps + 2):
-        _sync(device)
-        t = time.perf_counter()
-        torch.ops.aten.tanh_backward(g, torch.sigmoid(x))
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times[2:])
+    return median_seconds(lambda: torch.ops.aten.tanh_backward(g, torch.sigmoid(x)), device, reps)
 
 
 PACK_K = 4  # members per pack in the comparison: one pack per worker in the C×1 layout

@@ -237,7 +237,7 @@ def setup(cfg: RunConfig) -> Setup:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                            fused=device.type == "cuda", foreach=device.type != "cuda" or None)
+                            fused=device.type == "cuda", foreach=None if device.type == "cuda" else True)
     fwd = torch.compile(model) if cfg.compile else model
     return Setup(cfg, device, precision, autocast, stab, model, fwd, opt)
 
