@@ -67,25 +67,25 @@ def gemm_peak(dtype: torch.dtype, device: torch.device, sizes=(512, 1024, 2048),
 
 
 class StepTimer:
-    """One model set up exactly as the trainer does, stepping on fixed synthetic batches."""
+    """One model set up exactly as the trainer does (its training module), stepping on fixed batches."""
 
     def __init__(self, cfg: RunConfig, data):
-        from .trainer import setup
+        from .train_module import SingleModule
 
-        self.cfg, self.s = cfg, setup(cfg)
+        self.cfg, self.s = cfg, SingleModule(cfg)
         self.batches = [tuple(t.to(self.s.device) for t in data.train_batch(i, 0, cfg.batch_size, cfg.seq_len))
                         for i in range(4)]
         self.i = 0
 
     def run(self, n: int) -> list[float]:
-        from .trainer import train_step
+        from .trainer import lr_at
 
         times = []
         for _ in range(n):
             x, y = self.batches[self.i % len(self.batches)]
             _sync(self.s.device)
             t = time.perf_counter()
-            train_step(self.s, x, y, self.cfg.warmup + self.i)  # past warmup: full lr
+            self.s.train_batch(x, y, [lr_at(self.cfg, self.cfg.warmup + self.i)], stats=False)  # full lr
             _sync(self.s.device)
             times.append(time.perf_counter() - t)
             self.i += 1
@@ -153,12 +153,12 @@ def stabilizer_overhead(base: RunConfig, data, rounds: int, steps: int, warmup_s
 
 
 def hook_time(s, y: torch.Tensor, reps: int = 20) -> float:
-    """Median seconds of one step's stabilizer work, timed alone on the Setup ``s`` with targets y (B, T):
+    """Median seconds of one step's stabilizer work, timed alone on the module ``s`` with targets y (B, T):
     ``transform_logits`` forward + backward on (B, T, V) logits, ``loss_term`` forward + backward
     (its inputs as the trainer builds them; gradients land in throwaway tensors) and
     ``apply_after_step`` on the model. Hooks a stabilizer does not override cost 0, as in the trainer."""
     from .stabilizers import LossInputs
-    from .trainer import apply_after_step
+    from .train_module import apply_after_step
 
     stab, model, dev = s.stab, s.model, s.device
     has = {h: type(stab).has_hook(h) for h in ("transform_logits", "loss_term", "after_step")}

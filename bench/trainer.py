@@ -1,31 +1,44 @@
-"""Train one GPT with one stabilizer and return its record.
+"""The training loop: K ≥ 1 members (one run, or a pack of sweep points) trained to their records.
 
-AdamW (β1, β2, ε, weight decay on matrices only), global-norm gradient clipping,
-linear warmup then cosine decay to ``min_lr``. Batches are a pure function of
-(data seed, step), so a run is deterministic on CPU and resumes exactly from a
-checkpoint. Host syncs happen only at the logging cadence.
+``train_members(cfgs)`` drives a training module (``bench.train_module``: one model for K = 1,
+a stacked pack for K > 1) and owns everything around the step:
+
+- the schedule (``lr_at``: linear warmup, cosine to ``min_lr``) and the batches, a pure
+  function of (data seed, step), so a run is deterministic on CPU and resumes exactly;
+- the log cadence and its one host sync: per-step losses stay on the device until then;
+- one ``DivergenceMonitor`` per member; a diverged member is evaluated, recorded and frozen
+  (dropped from the module) while the others go on;
+- curve rows, periodic evaluation and the best validation loss;
+- checkpoints (all members in one file, written atomically), resume and ``stop_at``;
+- timing: each interval's wall time is shared equally by the members trained in it, so a
+  sweep's rows add up to the wall time actually spent.
+
+``train(cfg)`` is the one-member case. AdamW (β1, β2, ε, weight decay on matrices only) and
+global-norm clipping are the module's.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import provenance, records, runtime
+from . import provenance, records
 from .config import RunConfig
 from .data import TokenData, load_data
 from .divergence import DivergenceMonitor
-from .losses import cross_entropy_lse
 from .model import GPT
-from .precision import param_dtype, precision_context, resolve_precision
-from .stabilizers import OUTPUT_EMBEDDING, LossInputs, Stabilizer, make_stabilizer
+from .stabilizers import Stabilizer, make_stabilizer
+from .train_module import TrainModule, build_module, resolve_device, stabilized_loss
+
+__all__ = ["RunResult", "train", "train_members", "lr_at", "evaluate", "checkpoint_keys", "resolve_device"]
 
 
 @dataclass
@@ -34,49 +47,12 @@ class RunResult:
     curve: list[dict[str, Any]]  # rows of curves.parquet
 
 
-def resolve_device(cfg: RunConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but CUDA is not available")
-    return torch.device(cfg.device)
-
-
 def lr_at(cfg: RunConfig, step: int) -> float:
     """Learning rate of update ``step`` (0-based): linear warmup, then cosine to min_lr."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(cfg.steps - cfg.warmup - 1, 1)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def stabilized_loss(model: GPT, stab: Stabilizer, x: torch.Tensor, y: torch.Tensor, autocast
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cross-entropy and regularization of one batch.
-
-    Returns (ce, reg, logits (B,T,V) float32 after the transform, lse (B,T), hidden (B,T,H)).
-    The logsumexp is computed once and shared by the cross-entropy and any loss term (z-loss).
-    """
-    with autocast:
-        logits, hidden = model(x)
-    logits = stab.transform_logits(logits.to(torch.promote_types(logits.dtype, torch.float32)))
-    ce_tok, lse = cross_entropy_lse(logits, y)
-    ce = ce_tok.mean()
-    reg = None
-    if type(stab).has_hook("loss_term"):
-        reg = stab.loss_term(LossInputs(logits, lse, hidden, model.output_embedding))
-    if reg is None:
-        reg = torch.zeros((), device=ce.device)
-    return ce, reg, logits, lse, hidden
-
-
-@torch.no_grad()
-def apply_after_step(model: GPT, stab: Stabilizer) -> None:
-    params = {name: p.detach() for name, p in model.named_parameters()}
-    params[OUTPUT_EMBEDDING] = model.output_embedding.detach()
-    for name, new in stab.after_step(params).items():
-        target = model.output_embedding if name == OUTPUT_EMBEDDING else model.get_parameter(name)
-        target.copy_(new)
 
 
 @torch.no_grad()
@@ -172,6 +148,45 @@ def build_run_record(cfg: RunConfig, model: GPT, fwd, stab: Stabilizer, val, dev
     }
 
 
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+@dataclass
+class _Member:
+    """The loop's bookkeeping of one member (what its run row and curve are built from)."""
+
+    cfg: RunConfig
+    monitor: DivergenceMonitor
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    best_val: float = math.inf
+    diverged_step: int | None = None
+    reason: str = ""
+    elapsed: float = 0.0  # seconds of training (this member's share)
+    interval_times: list[float] = field(default_factory=list)  # seconds per step, one per log interval
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"monitor": self.monitor.state_dict(), "curve": self.curve, "best_val": self.best_val,
+                "diverged_step": self.diverged_step, "reason": self.reason, "elapsed": self.elapsed,
+                "interval_times": self.interval_times}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.monitor.load_state_dict(state["monitor"])
+        self.curve, self.best_val = state["curve"], state["best_val"]
+        self.diverged_step, self.reason = state["diverged_step"], state["reason"]
+        self.elapsed, self.interval_times = state["elapsed"], state["interval_times"]
+
+
+def checkpoint_keys(cfgs: list[RunConfig]) -> list[str]:
+    """The run keys a checkpoint of these members is valid for (in member order)."""
+    return [c.key() for c in cfgs]
+
+
+def pack_id(keys: list[str]) -> str:
+    """A short stable name of a set of members (order-free)."""
+    return hashlib.sha256(",".join(sorted(keys)).encode()).hexdigest()[:16]
+
+
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -179,178 +194,177 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def load_checkpoint(path: Path, keys: list[str], device: torch.device | str = "cpu") -> dict[str, Any] | None:
+    """The checkpoint at ``path`` if it belongs to exactly these members (any order), else None."""
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location=device, weights_only=True)
+    if state.get("format") != CHECKPOINT_FORMAT or sorted(state.get("keys", [])) != sorted(keys):
+        return None
+    return state
+
+
+CHECKPOINT_FORMAT = 2  # 1: the single-run trainer's own layout (before packs checkpointed)
+
+
 class _Progress:
     """A rich progress bar on an interactive terminal, a plain line per evaluation otherwise."""
 
-    def __init__(self, enabled: bool, cfg: RunConfig, start: int):
-        self.enabled, self.bar, self.cfg = enabled, None, cfg
+    def __init__(self, enabled: bool, cfgs: list[RunConfig], start: int):
+        self.enabled, self.bar, self.steps = enabled, None, cfgs[0].steps
         if enabled and sys.stderr.isatty():
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+            c = cfgs[0]
+            what = f"{c.model} {c.stabilizer} lr={c.lr:g}" if len(cfgs) == 1 else f"pack of {len(cfgs)} {c.model}"
             self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                                 TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
                                 TimeRemainingColumn(), transient=False)
-            self.task = self.bar.add_task(f"{cfg.model} {cfg.stabilizer} lr={cfg.lr:g}",
-                                          total=cfg.steps, completed=start, info="")
+            self.task = self.bar.add_task(what, total=self.steps, completed=start, info="")
             self.bar.start()
 
     def update(self, step: int, info: str, line: bool) -> None:
         if self.bar is not None:
             self.bar.update(self.task, completed=step, info=info)
         elif self.enabled and line:
-            print(f"step {step}/{self.cfg.steps} {info}", file=sys.stderr, flush=True)
+            print(f"step {step}/{self.steps} {info}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
 
 
-@dataclass
-class Setup:
-    """A model ready to train: everything one optimizer step needs."""
-
-    cfg: RunConfig
-    device: torch.device
-    precision: str
-    autocast: Any
-    stab: Stabilizer
-    model: GPT
-    fwd: Any  # the model, or its torch.compile'd wrapper
-    opt: torch.optim.Optimizer
-
-    @property
-    def micro_batches(self) -> int:
-        return self.cfg.batch_size // (self.cfg.micro_batch_size or self.cfg.batch_size)
+def _info(members: list[_Member], rows: list[int]) -> tuple[str, bool]:
+    """Progress text of the last curve row of members ``rows``; True when it holds a validation loss."""
+    last = [members[i].curve[-1] for i in rows]
+    loss = " ".join(f"{r['train_loss']:.3f}" for r in last)
+    vals = [r["val_loss"] for r in last if r["val_loss"] is not None]
+    return f"loss {loss}" + (" val " + " ".join(f"{v:.3f}" for v in vals) if vals else ""), bool(vals)
 
 
-def setup(cfg: RunConfig) -> Setup:
-    """Build model (seeded), stabilizer and AdamW for ``cfg``; applies the process speed settings."""
-    runtime.tune_allocator()
-    runtime.set_threads(cfg.threads)
-    device = resolve_device(cfg)
-    precision = resolve_precision(cfg.precision, device)
-    autocast = precision_context(precision, device)
-    stab = make_stabilizer(cfg.stabilizer, **cfg.hparams)
-    torch.manual_seed(cfg.seed)
-    model = GPT(cfg.model_config()).to(device, param_dtype(precision))
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                            fused=device.type == "cuda", foreach=None if device.type == "cuda" else True)
-    fwd = torch.compile(model) if cfg.compile else model
-    return Setup(cfg, device, precision, autocast, stab, model, fwd, opt)
+def train_members(cfgs: list[RunConfig], *, data: TokenData | None = None, checkpoint: str | Path | None = None,
+                  checkpoint_every: int = 0, progress: bool = False, stop_at: int | None = None,
+                  module: TrainModule | None = None) -> list[RunResult] | None:
+    """Train ``cfgs`` side by side (K = len(cfgs) ≥ 1, equal ``pack_key`` when K > 1).
 
-
-def train_step(s: Setup, x: torch.Tensor, y: torch.Tensor, step: int):
-    """Update ``step`` (0-based) on batch (x, y) already on the device; no host sync.
-
-    Returns (ce, reg, grad_norm, logits, lse) of the last micro-batch (ce/reg averaged over all).
+    Returns one RunResult per config, in input order. Divergence of a member is recorded,
+    never raised. checkpoint: file to resume from (if it holds exactly these members) and to
+    save to every ``checkpoint_every`` steps (0 = never; saved at the log cadence); removed
+    when the run finishes. stop_at: leave after this step with a checkpoint saved and return
+    None (time-sliced jobs; checked at the log cadence). module: a prepared training module
+    (default ``build_module(cfgs)``).
     """
-    cfg = s.cfg
-    lr = lr_at(cfg, step)
-    for group in s.opt.param_groups:
-        group["lr"] = lr
-    n_micro = s.micro_batches
-    mb = cfg.batch_size // n_micro
-    ce_acc = reg_acc = 0.0
-    for i in range(n_micro):
-        sl = slice(i * mb, (i + 1) * mb)
-        ce, reg, logits, lse, _ = stabilized_loss(s.fwd, s.stab, x[sl], y[sl], s.autocast)
-        ((ce + reg) / n_micro).backward()
-        ce_acc, reg_acc = ce_acc + ce.detach() / n_micro, reg_acc + reg.detach() / n_micro
-    clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), clip, foreach=True)
-    s.opt.step()
-    s.opt.zero_grad(set_to_none=True)
-    if type(s.stab).has_hook("after_step"):
-        apply_after_step(s.model, s.stab)
-    return ce_acc, reg_acc, grad_norm, logits, lse
+    cfgs = [c.check() for c in cfgs]
+    c0, K = cfgs[0], len(cfgs)
+    module = module or build_module(cfgs)
+    device = module.device
+    data = data or load_data(c0.data, c0.vocab_size)
+    val = data.val_batches(c0.eval_batches, c0.batch_size, c0.seq_len)
+    members = [_Member(c, DivergenceMonitor(c.divergence, c.L0, c.warmup)) for c in cfgs]
+    active = list(range(K))  # member index of each row of the module
+    results: list[RunResult | None] = [None] * K
+    keys = checkpoint_keys(cfgs)
 
-
-def train(cfg: RunConfig, *, data: TokenData | None = None, checkpoint: str | Path | None = None,
-          checkpoint_every: int = 0, progress: bool = False, stop_at: int | None = None) -> RunResult | None:
-    """Train the run described by ``cfg``. Divergence stops the run and is recorded, never raised.
-
-    checkpoint: file to resume from (if it exists and matches cfg) and to save to every
-    ``checkpoint_every`` steps (0 = never). The file is removed when the run finishes.
-    stop_at: leave after this step with a checkpoint saved and return None (time-sliced jobs;
-    checked at the logging cadence).
-    """
-    cfg.check()
-    s = setup(cfg)
-    device, precision, autocast, stab, model, fwd, opt = (
-        s.device, s.precision, s.autocast, s.stab, s.model, s.fwd, s.opt)
-    data = data or load_data(cfg.data, cfg.vocab_size)
-    monitor = DivergenceMonitor(cfg.divergence, cfg.L0, cfg.warmup)
-    val = data.val_batches(cfg.eval_batches, cfg.batch_size, cfg.seq_len)
-
-    start, curve, best_val, elapsed, interval_times = 0, [], math.inf, 0.0, []
+    start = 0
     ckpt = Path(checkpoint) if checkpoint else None
-    if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=True)
-        if state.get("key") == cfg.key():
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            monitor.load_state_dict(state["monitor"])
-            start, curve, best_val = state["step"], state["curve"], state["best_val"]
-            elapsed, interval_times = state["elapsed"], state["interval_times"]
+    state = load_checkpoint(ckpt, keys, device) if ckpt is not None else None
+    if state is not None:  # resume: the same members, possibly listed in another order
+        index = {k: i for i, k in enumerate(keys)}
+        active = [index[state["keys"][i]] for i in state["active"]]
+        module.select(active)
+        module.load_state_dict(state["module"])
+        for key, m in zip(state["keys"], state["members"]):
+            members[index[key]].load_state_dict(m)
+        for key, r in state["results"].items():
+            results[index[key]] = RunResult(r["run"], r["curve"])
+        start = state["step"]
 
     started_at = provenance.utc_now()
-    pending = torch.zeros(cfg.steps, 3, device=device)  # ce, reg, grad_norm per step, read at log cadence
-    last_checked = start
-    diverged_step, reason = None, ""
-    bar = _Progress(progress, cfg, start)
-    t_interval = time.perf_counter()
-    step = start
-    for step in range(start + 1, cfg.steps + 1):
-        x, y = data.train_batch(step - 1, cfg.resolved_data_seed, cfg.batch_size, cfg.seq_len)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        ce_acc, reg_acc, grad_norm, logits, lse = train_step(s, x, y, step - 1)
-        pending[step - 1] = torch.stack([ce_acc, reg_acc, grad_norm.float()])
 
-        is_eval = step % cfg.eval_every == 0 or step == cfg.steps
-        if step % cfg.log_every and not is_eval:
+    def finish(row: int, steps_done: int) -> None:
+        """Final evaluation and run row of the member in module row ``row``."""
+        m = members[active[row]]
+        model, fwd, stab = module.member(row)
+        run = build_run_record(m.cfg, model, fwd, stab, val, device, module.autocast, module.precision,
+                               best_val=m.best_val, diverged_step=m.diverged_step, reason=m.reason,
+                               spike_score=m.monitor.spike_score, steps_done=steps_done, elapsed=m.elapsed,
+                               interval_times=m.interval_times, started_at=started_at)
+        results[active[row]] = RunResult(run, m.curve)
+
+    def save(step: int) -> None:
+        _save_checkpoint(ckpt, {
+            "format": CHECKPOINT_FORMAT, "keys": keys, "step": step, "active": active,
+            "module": module.state_dict(), "members": [m.state_dict() for m in members],
+            "results": {keys[i]: {"run": r.run, "curve": r.curve} for i, r in enumerate(results) if r is not None}})
+
+    pending: list[torch.Tensor] = []  # (3, K) per step: ce, reg, grad norm; read at the log cadence
+    last_checked = start
+    bar = _Progress(progress, cfgs, start)
+    t_interval = time.perf_counter()
+    for step in range(start + 1, c0.steps + 1):
+        x, y = data.train_batch(step - 1, c0.resolved_data_seed, c0.batch_size, c0.seq_len)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        is_eval = step % c0.eval_every == 0 or step == c0.steps
+        is_log = is_eval or step % c0.log_every == 0
+        losses, stats = module.train_batch(x, y, [lr_at(members[i].cfg, step - 1) for i in active], stats=is_log)
+        pending.append(losses.float())
+        if not is_log:
             continue
-        # --- log cadence: one host sync -------------------------------------------
-        rows = pending[last_checked:step].tolist()
+        # --- log cadence: one host sync for all members ----------------------------------------
+        rows = torch.stack(pending).tolist()  # [step][quantity][row]
+        stats = stats.tolist()  # [row][quantity]
+        pending = []
         now = time.perf_counter()
-        interval_times.append((now - t_interval) / (step - last_checked))
-        elapsed += now - t_interval
-        for i, (l_ce, _, gn) in enumerate(rows):
-            r = monitor.update(last_checked + i + 1, l_ce, gn)
-            if r and diverged_step is None:
-                diverged_step, reason = last_checked + i + 1, r
+        share = (now - t_interval) / len(active)  # this interval's wall time per member
+        frozen = []
+        for row, idx in enumerate(active):
+            m = members[idx]
+            m.interval_times.append(share / (step - last_checked))
+            m.elapsed += share
+            for i, r in enumerate(rows):
+                reason = m.monitor.update(last_checked + i + 1, r[0][row], r[2][row])
+                if reason and m.diverged_step is None:
+                    m.diverged_step, m.reason = last_checked + i + 1, reason
+            last = rows[-1]
+            crow = curve_row(m.cfg, step, lr_at(m.cfg, step - 1), last[0][row], last[1][row], last[2][row],
+                             *stats[row])
+            if is_eval or m.diverged_step is not None:
+                model, fwd, stab = module.member(row)
+                ev = evaluate(fwd, stab, val, device, module.autocast)
+                crow["val_loss"] = ev["val_loss"]
+                if math.isfinite(ev["val_loss"]):
+                    m.best_val = min(m.best_val, ev["val_loss"])
+            m.curve.append(crow)
+            if m.diverged_step is not None:
+                finish(row, step)
+                frozen.append(row)
+        info, has_val = _info(members, active)
+        bar.update(step, info, line=has_val)
         last_checked = step
-        with torch.no_grad():
-            row = curve_row(cfg, step, lr_at(cfg, step - 1), *rows[-1], float(logits.mean()),
-                            float(logits.abs().max()), float(lse.square().mean()),
-                            float(model.output_embedding.float().mean(0).norm()))
-        if is_eval or diverged_step is not None:
-            ev = evaluate(fwd, stab, val, device, autocast)
-            row["val_loss"] = ev["val_loss"]
-            if math.isfinite(ev["val_loss"]):
-                best_val = min(best_val, ev["val_loss"])
-        curve.append(row)
-        bar.update(step, f"loss {row['train_loss']:.3f}" + (f" val {row['val_loss']:.3f}" if row["val_loss"] is not None else ""),
-                   line=row["val_loss"] is not None)
-        if diverged_step is not None:
-            break
-        leaving = stop_at is not None and step >= stop_at and step < cfg.steps
-        if ckpt is not None and step < cfg.steps and (leaving or checkpoint_every and step % checkpoint_every == 0):
-            _save_checkpoint(ckpt, {"key": cfg.key(), "step": step, "model": model.state_dict(),
-                                    "optimizer": opt.state_dict(), "monitor": monitor.state_dict(),
-                                    "curve": curve, "best_val": best_val, "elapsed": elapsed,
-                                    "interval_times": interval_times})
+        if frozen:  # a diverged member is frozen for good: its rows leave the module
+            keep = [r for r in range(len(active)) if r not in frozen]
+            active = [active[r] for r in keep]
+            if not active:
+                break
+            module.select(keep)
+        leaving = stop_at is not None and stop_at <= step < c0.steps
+        if ckpt is not None and step < c0.steps and (leaving or checkpoint_every and step % checkpoint_every == 0):
+            save(step)
         if leaving:
             bar.close()
             return None
         t_interval = time.perf_counter()
     bar.close()
 
-    run = build_run_record(cfg, model, fwd, stab, val, device, autocast, precision, best_val=best_val,
-                           diverged_step=diverged_step, reason=reason, spike_score=monitor.spike_score,
-                           steps_done=step, elapsed=elapsed, interval_times=interval_times, started_at=started_at)
+    for row in range(len(active)):
+        finish(row, c0.steps)
     if ckpt is not None and ckpt.exists():
         ckpt.unlink()
-    return RunResult(run, curve)
+    return results  # type: ignore[return-value]
+
+
+def train(cfg: RunConfig, *, data: TokenData | None = None, checkpoint: str | Path | None = None,
+          checkpoint_every: int = 0, progress: bool = False, stop_at: int | None = None) -> RunResult | None:
+    """Train the run described by ``cfg`` (``train_members`` with one member)."""
+    out = train_members([cfg], data=data, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                        progress=progress, stop_at=stop_at)
+    return None if out is None else out[0]

@@ -2,12 +2,19 @@
 
 One point of ``results/cpu-repro`` (micro, μ-centering, tied: the hook and the tying path) is
 re-trained from the ``config`` recorded in its run row for its first 30 steps, and its curve
-must match the committed one. Tolerance: 1e-3 relative. On the machine kind that produced the results (the
-project's 2-core AVX2 CI machines, one thread) the rerun is bit-identical. The run uses
-bf16-emu, where a last-bit difference of an fp32 kernel can flip a bf16 rounding and grow:
-switching AdamW's for-loop for its fused kernel moved the loss at step 10 by 0.15 %, and
-β2 = 0.99 instead of 0.95 by more, both caught here; another CPU (another MKL code path)
-may need a looser tolerance.
+must match the committed one.
+
+On the CPU model that produced the results (the run row's ``device``, one thread) the rerun is
+bit-identical, and the tolerance is 1e-3 relative on four columns. The run uses bf16-emu, where
+a last-bit difference of an fp32 kernel can flip a bf16 rounding and grow: switching AdamW's
+for-loop for its fused kernel moved the loss at step 10 by 0.15 %, and β2 = 0.99 instead of 0.95
+by more, both caught here.
+
+On another CPU model MKL takes other code paths and the rerun cannot be bit-identical: on an
+AVX-512 Intel Xeon the same code differs from the AMD EPYC results by 0.5 % in train loss and
+7 % in grad norm by step 30 (measured), the size of small real changes (ε = 1e-6: 0.9 %,
+lr × 1.01: 0.9 % in train loss). There only train loss is compared, at 1.5e-2 relative: it still
+catches β2 = 0.99 (2.3 %) and anything larger, and the centring check below holds on any CPU.
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ import pytest
 import torch
 
 from bench.config import from_dict
+from bench.provenance import device_name
 from bench.trainer import train
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "cpu-repro"
@@ -36,10 +44,12 @@ def test_a_committed_cpu_repro_point_is_reproduced_by_main(tmp_path):
 
     ckpt = tmp_path / "point.pt"
     assert train(cfg, checkpoint=ckpt, stop_at=STEPS) is None  # stops after step 30, curve in the checkpoint
-    new = pd.DataFrame(torch.load(ckpt, weights_only=True)["curve"]).set_index("step")
+    new = pd.DataFrame(torch.load(ckpt, weights_only=True)["members"][0]["curve"]).set_index("step")
     curves = pd.read_parquet(RESULTS / "curves.parquet")
     old = curves[curves["run_id"] == row["run_id"]].set_index("step").loc[new.index]
     assert list(new.index) == [10, 20, 30]
-    for col in ("train_loss", "grad_norm", "mu_norm", "logit_absmax"):
-        pd.testing.assert_series_equal(new[col], old[col], rtol=1e-3, check_names=False, obj=col)
+    same_cpu = row["device"] == device_name(torch.device("cpu"))
+    columns, rtol = (("train_loss", "grad_norm", "mu_norm", "logit_absmax"), 1e-3) if same_cpu else (("train_loss",), 1.5e-2)
+    for col in columns:
+        pd.testing.assert_series_equal(new[col], old[col], rtol=rtol, check_names=False, obj=col)
     assert new["mu_norm"].max() < 1e-3 * old["logit_absmax"].max()  # centered: μ ≈ 0 after every step

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from bench.model import GPT, preset
 from bench.stabilizers import BUILTIN, OUTPUT_EMBEDDING, StabilizerError, make_stabilizer
-from bench.trainer import apply_after_step, stabilized_loss
+from bench.train_module import apply_after_step, stabilized_loss
 from contextlib import nullcontext
 
 

@@ -1,7 +1,7 @@
 """Packed training: K compatible sweep points trained as one model stacked along a member dim.
 
-- ``train_pack(cfgs)`` → one ``RunResult`` per config, as ``train(cfg)`` would return it
-  (engine.py);
+- ``PackModule(cfgs)``: the training module of a pack (module.py), driven by the one loop
+  ``bench.trainer.train_members`` — ``train_pack`` is that loop, named for packs;
 - ``pack_key(cfg)`` / ``group_into_packs(cfgs, k)``: which configs can share a pack
   (grouping.py);
 - ``measure_pack_throughput(...)``: trials/hour packed vs unpacked (throughput.py).
@@ -9,10 +9,9 @@
 Inside: batched_model.py (the GPT as a function of stacked parameters), store.py (the
 members' parameters as rows of one flat buffer), optim.py (AdamW + clipping per row),
 hooks.py (stabilizer hooks vmapped over per-member hyperparameters), step.py (one step's
-gradients: batched body, member-chunked loss head). Run and curve rows are the trainer's own
-(``trainer.build_run_record``, ``trainer.curve_row``).
+gradients: batched body, member-chunked loss head).
 """
-from .engine import train_pack
+from ..trainer import train_members as train_pack
 from .grouping import SHARED_FIELDS, auto_pack_size, group_into_packs, pack_key
 
 __all__ = ["train_pack", "pack_key", "group_into_packs", "auto_pack_size", "SHARED_FIELDS",

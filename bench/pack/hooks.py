@@ -2,8 +2,10 @@
 
 A stabilizer is a frozen dataclass whose fields are hyperparameters, and its hooks are
 pure tensor functions (see ``bench.stabilizers.base``). Members of a pack share the class;
-a field on which they disagree becomes a (K,) tensor, and the engine calls the unchanged
-hook under ``torch.vmap`` with that field as a 0-d tensor of each member. Fields on which
+a field on which they disagree becomes a (K,) tensor, and the pack calls the unchanged
+hook under ``torch.vmap`` on an instance whose field is that member's 0-d tensor. A hook
+(or a ``__post_init__``) that cannot run under vmap raises ``PackError``; the sweep worker
+then trains those trials one at a time. Fields on which
 all members agree stay the plain Python values, so such a hook computes exactly what it
 computes in a single run.
 """
@@ -20,18 +22,6 @@ from ..stabilizers import OUTPUT_EMBEDDING, LossInputs, Stabilizer, make_stabili
 
 class PackError(RuntimeError):
     """Configs that cannot be trained as one pack."""
-
-
-def _instance(cls: type[Stabilizer], values: dict[str, Any]) -> Stabilizer:
-    """A ``cls`` with these field values, built without ``__post_init__``.
-
-    Every member's values were validated when its own stabilizer was made; validation of
-    a vmapped 0-d tensor could only fail (``float(tensor)`` inside vmap is not allowed).
-    """
-    obj = object.__new__(cls)
-    for name, value in values.items():
-        object.__setattr__(obj, name, value)
-    return obj
 
 
 class PackedStabilizer:
@@ -70,7 +60,10 @@ class PackedStabilizer:
                             "(pack size 1)") from e
 
     def _member(self, varying: tuple) -> Stabilizer:
-        return _instance(self.cls, {**self.shared, **dict(zip(self.varying, varying))})
+        """The stabilizer of one member inside vmap: built by its own constructor, so its
+        ``__post_init__`` validation runs on the (batched) values too. Every member was also
+        built and validated with plain numbers (``self.members``)."""
+        return self.cls(**self.shared, **dict(zip(self.varying, varying)))
 
     def loss(self, logits: torch.Tensor, hidden: torch.Tensor, output_embedding: torch.Tensor, y: torch.Tensor,
              rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -73,6 +73,16 @@ class PackedAdamW:
             setattr(self, name, [getattr(self, name)[i] for i in keep])
         self._refresh()
 
+    def state_dict(self) -> dict:
+        """Moments (K, P) and the step count; the hyperparameters come from the members' configs."""
+        return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "t": self.t}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        self.exp_avg.copy_(state["exp_avg"])
+        self.exp_avg_sq.copy_(state["exp_avg_sq"])
+        self.t = int(state["t"])
+
     @torch.no_grad()
     def clip_grad_norm_(self) -> torch.Tensor:
         """Scale each member's gradient to global norm ≤ its clip; returns the norms before, (K,)."""

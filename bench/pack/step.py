@@ -10,7 +10,7 @@ at once, chunked it holds 3 × 16 MiB, and a chunk's logits stay cache-sized lik
 unpacked run's. (Speed per member was measured equal, chunked or not, on the 2-core
 CPU at 1 thread.) The chunks' gradients with respect to h are then back-propagated
 through the body in one batched pass. Per member this is the computation of
-``trainer.stabilized_loss`` + ``backward``.
+``train_module.stabilized_loss`` + ``backward``.
 """
 from __future__ import annotations
 
@@ -33,9 +33,10 @@ class PackStep:
     """Computes every member's gradient of one batch into ``store.grad`` (no optimizer step)."""
 
     def __init__(self, mcfg: ModelConfig, store: FlatParams, stab: PackedStabilizer, e_name: str,
-                 autocast, cos: torch.Tensor, sin: torch.Tensor):
+                 autocast, cos: torch.Tensor, sin: torch.Tensor, features=packed_features):
         self.mcfg, self.store, self.stab, self.e_name = mcfg, store, stab, e_name
         self.autocast, self.cos, self.sin = autocast, cos, sin
+        self.features = features  # packed_features, or its torch.compile'd version
         self.tied = mcfg.weight_tying
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, n_micro: int, stats: bool):
@@ -58,7 +59,7 @@ class PackStep:
         for i in range(n_micro):
             xs, ys = x[i * mb:(i + 1) * mb], y[i * mb:(i + 1) * mb]
             with self.autocast:
-                h = packed_features(mcfg, params, xs, self.cos, self.sin)  # (K, mb·T, H)
+                h = self.features(mcfg, params, xs, self.cos, self.sin)  # (K, mb·T, H)
             E = params[self.e_name].detach()
             dh = torch.empty_like(h)
             ces, regs, st = [], [], []

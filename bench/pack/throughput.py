@@ -55,15 +55,13 @@ def _job(job: tuple[str, list[dict[str, Any]]]) -> float:
     cfgs = [from_dict(d) for d in dicts]
     data = _data(cfgs[0])
     cpu = time.process_time()
+    from ..trainer import train_members
+
     if kind == "unpacked":
-        from ..trainer import train
-
         for c in cfgs:
-            train(c, data=data)
+            train_members([c], data=data)
     else:
-        from .engine import train_pack
-
-        train_pack(cfgs, data=data)
+        train_members(cfgs, data=data)
     return time.process_time() - cpu
 
 

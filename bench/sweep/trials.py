@@ -186,14 +186,16 @@ class TrialQueue:
             return self._ask()
         return None
 
-    def claim_companions(self, first: Claim, k: int) -> list[Claim]:
+    def claim_companions(self, first: Claim, k: int, prefer: list[str] = ()) -> list[Claim]:
         """Claim up to ``k`` − 1 more waiting trials of ``first``'s study that can share its pack
         (equal ``bench.pack.pack_key``: same architecture, data, schedule, stabilizer, precision),
-        in queue order. Each is claimed by the same atomic WAITING → RUNNING transition."""
+        those whose key is in ``prefer`` first (the members of a pack checkpoint), then in queue
+        order. Each is claimed by the same atomic WAITING → RUNNING transition."""
         from ..pack import pack_key
 
         want, out = pack_key(first.config), []
-        for t in _waiting(first.study):
+        waiting = sorted(_waiting(first.study), key=lambda t: t.user_attrs.get("key") not in prefer)
+        for t in waiting:
             if len(out) >= k - 1:
                 break
             try:

@@ -6,10 +6,11 @@ checkpoints to ``<out>/checkpoints/<key>.pt`` every ``execution.checkpoint_every
 a retried trial resumes where its dead worker stopped (attribute ``resumed_from_step``).
 
 With ``execution.pack = K`` (or "auto") a worker claims up to K compatible waiting trials at
-once and trains them as one batched model (``bench.pack.train_pack``), each under its own
-lease; every trial is still recorded as its own row and completed on its own. A pack is not
-checkpointed: a killed packed worker's trials are failed by the reaper and retried from
-step 0, like any other trial of a dead worker.
+once and trains them as one batched model (``bench.trainer.train_members``), each under its own
+lease; every trial is still recorded as its own row and completed on its own. A pack
+checkpoints as one file, ``<out>/checkpoints/pack-<id>.pt`` (its members' keys in
+``pack-<id>.keys``); the retries of a killed packed worker's trials are claimed together again
+(the first one's pack companions are preferred) and resume from it.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import socket
 import sys
 import time
 import traceback
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TextIO
@@ -54,20 +56,36 @@ class Log:
         print(redact(line, self.url), file=self.stream, flush=True)
 
 
-def checkpoint_path(out: Path, key: str) -> Path:
-    return Path(out) / "checkpoints" / f"{key}.pt"
+def checkpoint_path(out: Path, keys: list[str]) -> Path:
+    """Checkpoint of one trial (``<key>.pt``) or of a pack (``pack-<id>.pt``, its members listed
+    one key per line beside it in ``pack-<id>.keys``, so a retry can gather the same pack)."""
+    from ..trainer import pack_id
+
+    name = keys[0] if len(keys) == 1 else f"pack-{pack_id(keys)}"
+    return Path(out) / "checkpoints" / f"{name}.pt"
 
 
-def checkpoint_step(path: Path, key: str) -> int:
-    """Step saved in the checkpoint of run ``key`` (0 if there is none usable)."""
-    if not path.exists():
-        return 0
-    import torch
+def pack_members(out: Path, key: str) -> list[str]:
+    """Keys of the pack checkpoint that holds run ``key`` ([] if none does)."""
+    for index in sorted((Path(out) / "checkpoints").glob("pack-*.keys")):
+        try:
+            keys = index.read_text().split()
+        except OSError:
+            continue
+        if key in keys and index.with_suffix(".pt").exists():
+            return keys
+    return []
+
+
+def checkpoint_step(path: Path, keys: list[str]) -> int:
+    """Step saved in the checkpoint of these members (0 if there is none usable)."""
+    from ..trainer import load_checkpoint
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = load_checkpoint(path, keys)
     except Exception:
         return 0
-    return int(state.get("step", 0)) if state.get("key") == key else 0
+    return int(state["step"]) if state is not None else 0
 
 
 def describe(cfg: RunConfig) -> str:
@@ -102,58 +120,67 @@ def _error_text(e: Exception, url: str | None) -> str:
     return redact(f"{type(e).__name__}: {e}\n{tb}", url)
 
 
-def run_trial(queue: TrialQueue, claim: Claim, data: Callable, log: Log, threads: int | None) -> str:
-    """Train one claimed trial; returns 'completed', 'diverged', 'failed' or 'lost'."""
-    from ..trainer import train
+def run_trials(queue: TrialQueue, claims: list[Claim], data: Callable, log: Log, threads: int | None) -> list[str]:
+    """Train claimed trials together (one trial, or a pack of K); one outcome per claim:
+    'completed', 'diverged', 'failed' or 'lost'.
 
-    cfg = claim.config.replace(threads=threads) if threads else claim.config
-    key, out = claim.key, queue.out
-    ckpt = checkpoint_path(out, key)
-    resumed = checkpoint_step(ckpt, key)
-    every = queue.spec.execution.checkpoint_every
-    with queue.storage.hold(claim.study, claim.trial_id, claim.number, key) as lease:
-        queue.started(claim, _start_attrs(threads, resumed_from_step=resumed))
-        where = f"resuming from checkpoint step {resumed}" if resumed else "start"
-        log(f"trial {claim.number} {key} {describe(cfg)}: {where}")
-        try:
-            result = train(cfg, data=data(cfg), checkpoint=ckpt if every else None, checkpoint_every=every)
-        except Exception as e:
-            queue.fail(claim, _error_text(e, queue.storage.url))
-            log(f"trial {claim.number} {key}: FAILED {type(e).__name__}: {redact(str(e), queue.storage.url)}")
-            return "failed"
-        records.write_run(out, result.run, result.curve)
-        ours = queue.complete(claim, result.run, result.curve) and not lease.lost
-    return _report(claim, result.run, ours, log)
-
-
-def run_pack(queue: TrialQueue, claims: list[Claim], data: Callable, log: Log, threads: int | None) -> list[str]:
-    """Train claimed trials as one pack; one outcome per claim (as ``run_trial``'s)."""
-    from contextlib import ExitStack
-
-    from ..pack import train_pack
+    Every trial is held under its own lease and recorded on its own. A pack checkpoints as one
+    file and resumes from it when the same members are claimed again. A pack whose stabilizer
+    cannot be vectorized (``PackError``) is trained one trial at a time instead.
+    """
+    from ..pack.hooks import PackError
 
     cfgs = [c.config.replace(threads=threads) if threads else c.config for c in claims]
     k = len(claims)
     with ExitStack() as stack:
         leases = [stack.enter_context(queue.storage.hold(c.study, c.trial_id, c.number, c.key)) for c in claims]
-        for i, (claim, cfg) in enumerate(zip(claims, cfgs)):
-            queue.started(claim, _start_attrs(threads, resumed_from_step=0, pack_size=k,
-                                              pack=[c.number for c in claims]))
-            log(f"trial {claim.number} {claim.key} {describe(cfg)}: start (pack member {i + 1}/{k})")
         try:
-            results = train_pack(cfgs, data=data(cfgs[0]))
-        except Exception as e:
-            error = _error_text(e, queue.storage.url)
+            return _train_and_record(queue, claims, cfgs, leases, data, log, threads)
+        except PackError as e:
+            log(f"pack of {k} ({', '.join(str(c.number) for c in claims)}): {e}; training its trials one at a time")
             for claim in claims:
-                queue.fail(claim, error)
-            log(f"pack of {k} ({', '.join(str(c.number) for c in claims)}): FAILED {type(e).__name__}: "
-                f"{redact(str(e), queue.storage.url)}")
-            return ["failed"] * k
-        outcomes = []
-        for claim, lease, result in zip(claims, leases, results):
-            records.write_run(queue.out, result.run, result.curve)
-            ours = queue.complete(claim, result.run, result.curve) and not lease.lost
-            outcomes.append(_report(claim, result.run, ours, log))
+                queue.started(claim, {"pack_size": 1, "unpacked_reason": str(e)})
+        return [outcome for claim, cfg, lease in zip(claims, cfgs, leases)
+                for outcome in _train_and_record(queue, [claim], [cfg], [lease], data, log, threads)]
+
+
+def _train_and_record(queue: TrialQueue, claims: list[Claim], cfgs: list[RunConfig], leases: list, data: Callable,
+                      log: Log, threads: int | None) -> list[str]:
+    """Train ``cfgs`` as one pack (or one trial), record and complete each; PackError propagates."""
+    from ..pack.hooks import PackError
+    from ..trainer import train_members
+
+    k, out, every = len(claims), queue.out, queue.spec.execution.checkpoint_every
+    keys = [c.key for c in claims]
+    ckpt = checkpoint_path(out, keys)
+    resumed = checkpoint_step(ckpt, keys)
+    where = f"resuming from checkpoint step {resumed}" if resumed else "start"
+    for i, (claim, cfg) in enumerate(zip(claims, cfgs)):
+        pack = {"pack_size": k, "pack": [c.number for c in claims]} if k > 1 else {}
+        queue.started(claim, _start_attrs(threads, resumed_from_step=resumed, **pack))
+        log(f"trial {claim.number} {claim.key} {describe(cfg)}: {where}" + (f" (pack member {i + 1}/{k})" if k > 1 else ""))
+    if k > 1 and every:
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        ckpt.with_suffix(".keys").write_text("\n".join(keys) + "\n")
+    try:
+        results = train_members(cfgs, data=data(cfgs[0]), checkpoint=ckpt if every else None, checkpoint_every=every)
+    except PackError:
+        ckpt.with_suffix(".keys").unlink(missing_ok=True)
+        raise
+    except Exception as e:
+        error = _error_text(e, queue.storage.url)
+        for claim in claims:
+            queue.fail(claim, error)
+        who = f"trial {claims[0].number} {claims[0].key}" if k == 1 else \
+            f"pack of {k} ({', '.join(str(c.number) for c in claims)})"
+        log(f"{who}: FAILED {type(e).__name__}: {redact(str(e), queue.storage.url)}")
+        return ["failed"] * k
+    ckpt.with_suffix(".keys").unlink(missing_ok=True)
+    outcomes = []
+    for claim, lease, result in zip(claims, leases, results):
+        records.write_run(out, result.run, result.curve)
+        ours = queue.complete(claim, result.run, result.curve) and not lease.lost
+        outcomes.append(_report(claim, result.run, ours, log))
     return outcomes
 
 
@@ -212,13 +239,10 @@ def run_worker(spec: SweepSpec, storage_url: str | None, out: Path, *, threads: 
         k = pack_size(spec, claim.config)
         if max_trials is not None:
             k = min(k, max_trials - claimed)
-        claims = [claim] + (queue.claim_companions(claim, k) if k > 1 else [])
+        prefer = pack_members(out, claim.key) if k > 1 else []
+        claims = [claim] + (queue.claim_companions(claim, k, prefer) if k > 1 else [])
         claimed += len(claims)
-        if len(claims) > 1:
-            outcomes = run_pack(queue, claims, data, log, threads)
-        else:
-            outcomes = [run_trial(queue, claim, data, log, threads)]
-        for outcome in outcomes:
+        for outcome in run_trials(queue, claims, data, log, threads):
             setattr(report, outcome, getattr(report, outcome) + 1)
     log(f"worker done: {report.completed} completed, {report.diverged} diverged, {report.failed} failed"
         + (f", {report.lost} lost" if report.lost else ""))
