@@ -204,6 +204,11 @@ def load_checkpoint(path: Path, keys: list[str], device: torch.device | str = "c
     return state
 
 
+def _plain(row: dict[str, Any]) -> dict[str, Any]:
+    """A record row with str subclasses (torch's TorchVersion) as str: ``weights_only`` loads only plain types."""
+    return {k: str(v) if isinstance(v, str) else v for k, v in row.items()}
+
+
 CHECKPOINT_FORMAT = 2  # 1: the single-run trainer's own layout (before packs checkpointed)
 
 
@@ -294,7 +299,7 @@ def train_members(cfgs: list[RunConfig], *, data: TokenData | None = None, check
         _save_checkpoint(ckpt, {
             "format": CHECKPOINT_FORMAT, "keys": keys, "step": step, "active": active,
             "module": module.state_dict(), "members": [m.state_dict() for m in members],
-            "results": {keys[i]: {"run": r.run, "curve": r.curve} for i, r in enumerate(results) if r is not None}})
+            "results": {keys[i]: {"run": _plain(r.run), "curve": r.curve} for i, r in enumerate(results) if r is not None}})
 
     pending: list[torch.Tensor] = []  # (3, K) per step: ce, reg, grad norm; read at the log cadence
     last_checked = start

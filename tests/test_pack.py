@@ -39,6 +39,8 @@ FP32 = dict(rtol=1e-4, atol=1e-6)
 
 def _close(a, b, rtol, atol) -> bool:
     if isinstance(a, float) and isinstance(b, float):
+        if a == b:  # also ±inf
+            return True
         if math.isnan(a) or math.isnan(b):
             return math.isnan(a) and math.isnan(b)
         return abs(a - b) <= rtol * max(abs(a), abs(b)) + atol
@@ -280,3 +282,75 @@ def test_emulated_bf16_is_refused_in_packs():
     cfgs = [tiny_config(precision="bf16-emu", lr=lr) for lr in (1e-3, 1e-2)]
     with pytest.raises(ValueError, match="bf16-emu"):
         train_pack(cfgs)
+
+
+# --- checkpoint and resume (the one loop) ---------------------------------------------------------
+
+def test_a_pack_resumes_from_its_checkpoint_with_every_member_as_uninterrupted(tmp_path):
+    kw = dict(stabilizer="zloss", precision="fp64", data_seed=7, steps=40, warmup=5)
+    cfgs = [tiny_config(lr=3e-3, seed=1, hparams={"lam": 1e-4}, **kw),
+            tiny_config(lr=1e30, seed=2, hparams={"lam": 1e-4}, **kw),   # diverges (and is frozen) before step 20
+            tiny_config(lr=1e-2, seed=3, hparams={"lam": 1e-3}, **kw)]
+    full = train_pack(cfgs)
+    assert full[1].run["diverged"] and full[1].run["steps_done"] < 20
+    ckpt = tmp_path / "pack.pt"
+    assert train_pack(cfgs, checkpoint=ckpt, checkpoint_every=10, stop_at=20) is None
+    state = torch.load(ckpt, weights_only=True)
+    assert state["step"] == 20 and state["keys"] == [c.key() for c in cfgs] and len(state["active"]) == 2
+    state["members"][0]["curve"][0]["reg_loss"] = marker = -1.0  # shows that the steps before 20 came from here
+    torch.save(state, ckpt)
+    resumed = train_pack(cfgs[::-1], checkpoint=ckpt, checkpoint_every=10)[::-1]  # members in another order
+    assert not ckpt.exists()
+    assert resumed[0].curve[0]["reg_loss"] == marker
+    resumed[0].curve[0]["reg_loss"] = full[0].curve[0]["reg_loss"]
+    for a, b in zip(resumed, full):
+        assert a.curve == b.curve
+        assert_same_run(a, b, rtol=0, atol=0)  # bit for bit (NaN = NaN for the diverged member)
+
+
+def test_a_checkpoint_of_other_members_is_not_resumed_from(tmp_path):
+    cfgs = _members("zloss", LAMS[:2], LRS[:2], precision="fp64", steps=20)
+    ckpt = tmp_path / "pack.pt"
+    train_pack(cfgs, checkpoint=ckpt, checkpoint_every=10, stop_at=10)
+    other = [cfgs[0], cfgs[1].replace(lr=5e-3)]
+    resumed = train_pack(other, checkpoint=ckpt, checkpoint_every=10)
+    for a, b in zip(resumed, train_pack(other)):
+        assert a.curve == b.curve  # trained from step 0, not from the foreign checkpoint
+
+
+def test_member_stabilizers_are_built_by_their_constructor_under_vmap():
+    """No instance is made around ``__post_init__``: the validation of a plug-in runs inside the pack too."""
+    from dataclasses import dataclass
+    import sys
+    import types
+
+    from bench.stabilizers import Stabilizer
+
+    calls = []
+
+    @dataclass(frozen=True)
+    class Counted(Stabilizer):
+        name = "counted"
+        lam: float = 1e-3
+
+        def __post_init__(self):
+            calls.append(type(self.lam).__name__)
+
+        def loss_term(self, inputs):
+            return self.lam * inputs.lse.square().mean()
+
+    sys.modules["_pack_test_counted"] = types.SimpleNamespace(Counted=Counted)
+    stab = PackedStabilizer("_pack_test_counted:Counted", [{"lam": 1e-3}, {"lam": 1e-2}], torch.float64,
+                            torch.device("cpu"))
+    assert calls == ["float", "float"]  # every member validated with its plain value
+    stab.loss(torch.randn(2, 1, 3, 5, dtype=torch.float64), torch.randn(2, 1, 3, 4, dtype=torch.float64),
+              torch.randn(2, 5, 4, dtype=torch.float64), torch.zeros(1, 3, dtype=torch.long))
+    assert calls[2:] == ["Tensor"]  # and once more on the vmapped values
+
+
+def test_an_invalid_member_hyperparameter_is_refused_before_a_pack_trains():
+    from bench.config import ConfigError
+
+    cfgs = _members("zloss", LAMS[:2], LRS[:2])
+    with pytest.raises(ConfigError, match="lam"):
+        train_pack([cfgs[0], cfgs[1].replace(hparams={"lam": -1.0})])
