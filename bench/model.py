@@ -7,7 +7,7 @@ with σ = 1/√H. With weight tying, E *is* the token-embedding matrix.
 
 Shapes: B batch, T sequence length, H width (n_embd), V vocabulary size.
 The forward pass has no Python-level per-example logic, so a model can be
-stacked along a leading member dimension with ``torch.func`` (see pack.py).
+stacked along a leading member dimension (see bench/pack/batched_model.py).
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ class ModelConfig:
         return 16 * math.ceil(8 * self.n_embd / 3 / 16)
 
 
-# name -> (n_layer, n_embd, n_head). The study's sizes (DEVELOPERS.md) and CPU presets.
+# name -> (n_layer, n_embd, n_head). The study's sizes (README.md, "Models") and CPU presets.
 PRESETS: dict[str, tuple[int, int, int]] = {
     "nano": (1, 32, 4),
     "micro": (2, 64, 4),

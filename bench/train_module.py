@@ -21,10 +21,10 @@ import torch
 
 from . import runtime
 from .config import RunConfig
-from .losses import cross_entropy_lse
 from .model import GPT
 from .precision import param_dtype, precision_context, resolve_precision
-from .stabilizers import OUTPUT_EMBEDDING, LossInputs, Stabilizer, make_stabilizer
+from .stabilizers import LossInputs, Stabilizer, make_stabilizer
+from .stabilizers.apply import apply_after_step as apply_hook, hooked_cross_entropy
 
 
 def resolve_device(cfg: RunConfig) -> torch.device:
@@ -72,24 +72,22 @@ def stabilized_loss(model: GPT, stab: Stabilizer, x: torch.Tensor, y: torch.Tens
     """
     with autocast:
         logits, hidden = model(x)
-    logits = stab.transform_logits(logits.to(torch.promote_types(logits.dtype, torch.float32)))
-    ce_tok, lse = cross_entropy_lse(logits, y)
+    cls = type(stab)
+    term = (lambda lt, lse, h, E: stab.loss_term(LossInputs(lt, lse, h, E))) if cls.has_hook("loss_term") else None
+    ce_tok, lse, reg, logits = hooked_cross_entropy(
+        logits, y, hidden, model.output_embedding,
+        stab.transform_logits if cls.has_hook("transform_logits") else None, term)
     ce = ce_tok.mean()
-    reg = None
-    if type(stab).has_hook("loss_term"):
-        reg = stab.loss_term(LossInputs(logits, lse, hidden, model.output_embedding))
     if reg is None:
         reg = torch.zeros((), device=ce.device)
     return ce, reg, logits, lse, hidden
 
 
-@torch.no_grad()
 def apply_after_step(model: GPT, stab: Stabilizer) -> None:
-    params = {name: p.detach() for name, p in model.named_parameters()}
-    params[OUTPUT_EMBEDDING] = model.output_embedding.detach()
-    for name, new in stab.after_step(params).items():
-        target = model.output_embedding if name == OUTPUT_EMBEDDING else model.get_parameter(name)
-        target.copy_(new)
+    """``stab.after_step`` applied to ``model``'s parameters in place."""
+    params = dict(model.named_parameters())
+    e_name = next(n for n, p in params.items() if p is model.output_embedding)
+    apply_hook(stab.after_step, params, e_name)
 
 
 class SingleModule:

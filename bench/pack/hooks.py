@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from ..losses import cross_entropy_lse
-from ..stabilizers import OUTPUT_EMBEDDING, LossInputs, Stabilizer, make_stabilizer
+from ..stabilizers import LossInputs, Stabilizer, make_stabilizer
+from ..stabilizers.apply import apply_after_step as apply_hook, hooked_cross_entropy
 
 
 class PackError(RuntimeError):
@@ -67,7 +67,7 @@ class PackedStabilizer:
 
     def loss(self, logits: torch.Tensor, hidden: torch.Tensor, output_embedding: torch.Tensor, y: torch.Tensor,
              rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-member ``trainer.stabilized_loss`` on stacked forward outputs of members ``rows``.
+        """Per-member ``train_module.stabilized_loss`` on stacked forward outputs of members ``rows``.
 
         logits (n, B, T, V), hidden (n, B, T, H), output_embedding (n, V, H), y (B, T) shared.
         Returns ce (n,), reg (n,), transformed logits (n, B, T, V) and lse (n, B, T).
@@ -77,40 +77,35 @@ class PackedStabilizer:
         """
         n = logits.shape[0]
         varying = tuple(t[rows] for t in self.tensors)
-        lt = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        transform = term = None
         if self.cls.has_hook("transform_logits"):
-            def transform(lg, v):
-                return self._member(v).transform_logits(lg)
-
-            with self._vmap_errors("transform_logits"):
-                lt = torch.vmap(transform)(lt, varying)
-        ce_tok, lse = cross_entropy_lse(lt, y.expand(n, *y.shape))
-        ce = ce_tok.mean(dim=tuple(range(1, ce_tok.dim())))
-        reg = None
+            vmapped = torch.vmap(lambda lg, v: self._member(v).transform_logits(lg))
+            transform = self._checked("transform_logits", lambda lt: vmapped(lt, varying))
         if self.cls.has_hook("loss_term"):
-            def term(lg, ls, h, E, v):
+            def one(lg, ls, h, E, v):
                 r = self._member(v).loss_term(LossInputs(lg, ls, h, E))
                 return torch.zeros((), device=lg.device) if r is None else r
 
-            with self._vmap_errors("loss_term"):
-                reg = torch.vmap(term)(lt, lse, hidden, output_embedding, varying)
+            vmapped_term = torch.vmap(one)
+            term = self._checked("loss_term", lambda lt, lse, h, E: vmapped_term(lt, lse, h, E, varying))
+        ce_tok, lse, reg, lt = hooked_cross_entropy(logits, y.expand(n, *y.shape), hidden, output_embedding,
+                                                    transform, term)
+        ce = ce_tok.mean(dim=tuple(range(1, ce_tok.dim())))
         if reg is None:
             reg = torch.zeros(n, device=ce.device)
         return ce, reg, lt, lse
 
-    @torch.no_grad()
+    def _checked(self, hook: str, fn):
+        """``fn`` with vmap failures reported as PackError naming the stabilizer and ``hook``."""
+        def call(*args):
+            with self._vmap_errors(hook):
+                return fn(*args)
+        return call
+
     def after_step(self, params: dict[str, torch.Tensor], output_embedding_name: str) -> None:
         """Apply every member's ``after_step`` to the stacked parameters, in place."""
         if not self.has_after_step:
             return
-        named = {n: p.detach() for n, p in params.items()}
-        named[OUTPUT_EMBEDDING] = named[output_embedding_name]
-
-        def one(ps, varying):
-            return self._member(varying).after_step(ps)
-
-        with self._vmap_errors("after_step"):
-            new = torch.vmap(one)(named, self.tensors)
-        for name, value in new.items():
-            target = named[output_embedding_name if name == OUTPUT_EMBEDDING else name]
-            target.copy_(value)
+        vmapped = torch.vmap(lambda ps, v: self._member(v).after_step(ps))
+        apply_hook(self._checked("after_step", lambda named: vmapped(named, self.tensors)), params,
+                   output_embedding_name)
