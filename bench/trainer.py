@@ -195,10 +195,25 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path, keys: list[str], device: torch.device | str = "cpu") -> dict[str, Any] | None:
-    """The checkpoint at ``path`` if it belongs to exactly these members (any order), else None."""
+    """The checkpoint at ``path`` if it belongs to exactly these members (any order), else None.
+
+    A file that does not load (truncated, not a checkpoint) is set aside as ``<name>.corrupt``
+    with a line on stderr, and None is returned: the run restarts from step 0 instead of failing
+    on every retry.
+    """
     if not path.exists():
         return None
-    state = torch.load(path, map_location=device, weights_only=True)
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(state, dict):
+            raise ValueError(f"holds a {type(state).__name__}, not a checkpoint")
+    except Exception as e:
+        aside = path.with_name(path.name + ".corrupt")
+        path.replace(aside)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"stabench: checkpoint {path} does not load ({first[:200]}); set aside as {aside.name}, "
+              "training starts from step 0", file=sys.stderr, flush=True)
+        return None
     if state.get("format") != CHECKPOINT_FORMAT or sorted(state.get("keys", [])) != sorted(keys):
         return None
     return state

@@ -136,3 +136,19 @@ def test_emulated_bf16_rounds_logits_like_autocast():
     assert err_emu > 0 and 0.25 < err_emu / err_native < 4
     assert torch.equal(emu, again) and torch.equal(after, fp32)
     assert torch.equal(emu, emu.to(torch.bfloat16).float())  # the logits are bf16 values
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", "truncated"])
+def test_a_checkpoint_that_does_not_load_is_set_aside_and_the_run_restarts(tmp_path, capsys, content):
+    cfg = tiny_config(steps=20)
+    ckpt = tmp_path / "run.pt"
+    if content == "truncated":  # a real checkpoint cut short, as a full disk or a kill mid-write leaves it
+        train(cfg, checkpoint=ckpt, checkpoint_every=10, stop_at=10)
+        ckpt.write_bytes(ckpt.read_bytes()[:300])
+    else:
+        ckpt.write_bytes(content)
+    result = train(cfg, checkpoint=ckpt, checkpoint_every=10)
+    assert result.curve == train(cfg).curve  # trained from step 0
+    assert (tmp_path / "run.pt.corrupt").exists() and not ckpt.exists()
+    err = capsys.readouterr().err
+    assert str(ckpt) in err and "set aside" in err
