@@ -18,16 +18,8 @@ from typing import Any, Literal
 import pydantic
 from pydantic import ConfigDict, TypeAdapter
 
+from .errors import ConfigError
 from .model import PRESETS, ModelConfig, preset
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot be used; ``str()`` names source, key and what is allowed."""
-
-    def __init__(self, key: str, message: str, source: str | None = None):
-        self.key, self.source = key, source
-        where = f"{source}: " if source else ""
-        super().__init__(f"{where}{key}: {message}")
 
 
 Precision = Literal["auto", "fp32", "bf16", "bf16-emu", "fp64"]

@@ -37,7 +37,7 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from .cli import UsageError
+    from .errors import UsageError
     from .config import from_dict, load_toml
 
     values = load_toml(args.config) if args.config else {}

@@ -14,12 +14,9 @@ from typing import Any
 
 import torch
 
+from ..errors import PackError
 from ..losses import cross_entropy_lse
 from ..stabilizers import OUTPUT_EMBEDDING, LossInputs, Stabilizer, make_stabilizer
-
-
-class PackError(RuntimeError):
-    """Configs that cannot be trained as one pack."""
 
 
 def _instance(cls: type[Stabilizer], values: dict[str, Any]) -> Stabilizer:
