@@ -5,6 +5,8 @@ import argparse
 import importlib
 import sys
 
+from .errors import StabenchError, UsageError  # noqa: F401  (UsageError: the old import location)
+
 # name -> (module with configure(parser) and main(args) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("bench.run_cli", "train one model with one stabilizer and record it to Parquet"),
@@ -19,10 +21,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "claims": ("bench.analysis.cli", "test the reference study's claims on a results directory (tables, verdicts)"),
     "perf": ("bench.perf", "benchmark step time, MFU, stabilizer overhead and sweep throughput"),
 }
-
-
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,14 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import ConfigError
-    from .data import DataError
-    from .stabilizers import StabilizerError
-
     args = build_parser().parse_args(argv)
     try:
         return int(importlib.import_module(args._module).main(args._name, args) or 0)
-    except (UsageError, ConfigError, DataError, StabilizerError) as e:
+    except StabenchError as e:
         print(f"stabench {args._name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -55,5 +49,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from bench.cli import main as _main  # the importable module: one UsageError class for all subcommands
+    from bench.cli import main as _main  # the importable module, not a second copy as __main__
     sys.exit(_main())

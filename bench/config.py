@@ -6,6 +6,7 @@ where), used as run id and as the sweep engine's trial key.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -13,25 +14,46 @@ import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import pydantic
 from pydantic import ConfigDict, TypeAdapter
 
+from .errors import ConfigError
 from .model import PRESETS, ModelConfig, preset
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot be used; ``str()`` names source, key and what is allowed."""
-
-    def __init__(self, key: str, message: str, source: str | None = None):
-        self.key, self.source = key, source
-        where = f"{source}: " if source else ""
-        super().__init__(f"{where}{key}: {message}")
 
 
 Precision = Literal["auto", "fp32", "bf16", "bf16-emu", "fp64"]
 """A run's numeric precision (see ``bench.precision``)."""
+
+
+Role = Literal["run", "execution"]
+"""A field's role: ``run`` defines what is trained (in the key); ``execution`` how or where (not)."""
+KeyRule = Literal["always", "if_not_default"]
+"""How a run field enters the key: ``always`` (the fields of key version 1; no new field may
+take it, it would change every key) or ``if_not_default`` (only when it differs from its default)."""
+FLAGS = ("pack_shared", "axis", "cli")
+"""Optional metadata flags: ``pack_shared`` (int: rank in ``pack_key``; must be equal within a pack),
+``axis`` (str: where a sweep file sets it instead of ``[train]``), ``cli`` (int: rank of its
+``stabench run`` flag ``--name-with-dashes``; the flag's type is the field's)."""
+
+
+def run_field(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING,
+              key: KeyRule = "if_not_default", **flags: Any) -> Any:
+    """A field that defines what is trained (part of ``RunConfig.key()`` by rule ``key``)."""
+    return _field("run", default, factory, key=key, **flags)
+
+
+def execution_field(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, **flags: Any) -> Any:
+    """A field that says how or where a run is trained (never part of the key)."""
+    return _field("execution", default, factory, **flags)
+
+
+def _field(role: Role, default: Any, factory: Any, **meta: Any) -> Any:
+    unknown = set(meta) - {"key", *FLAGS}
+    if unknown:
+        raise TypeError(f"unknown field metadata {sorted(unknown)}; allowed: key, {', '.join(FLAGS)}")
+    return field(default=default, default_factory=factory, metadata={"role": role, **meta})
 
 
 @dataclass(frozen=True)
@@ -45,56 +67,71 @@ class DivergenceConfig:
       (OLMo-core's stability monitor uses 6σ over 128 steps; the absolute floor keeps the
       noise of tiny models from counting). The largest z-score seen is recorded as
       ``spike_score`` either way; set ``stop_on_spike = false`` to only record it.
+
+    Its fields are hashed into ``RunConfig.key()`` by the same rules as RunConfig's.
     """
 
     __pydantic_config__ = ConfigDict(extra="forbid")
 
-    loss_margin: float = 1.0
-    spike_sigma: float = 6.0
-    spike_window: int = 128
-    spike_min_jump: float = 1.0
-    stop_on_spike: bool = True
+    loss_margin: float = run_field(1.0, key="always")
+    spike_sigma: float = run_field(6.0, key="always")
+    spike_window: int = run_field(128, key="always")
+    spike_min_jump: float = run_field(1.0, key="always")
+    stop_on_spike: bool = run_field(True, key="always")
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything that defines one training run. Units: lr per step; lengths in tokens."""
+    """Everything that defines one training run. Units: lr per step; lengths in tokens.
+
+    Each field declares its role in its metadata (``run_field`` / ``execution_field``);
+    ``fields_with`` derives from it the execution fields, the sweep axes and [train] keys
+    (``bench.sweep.spec``), the pack-shared fields (``bench.pack.grouping``) and the
+    ``stabench run`` flags (``bench.run_cli``).
+
+    Adding a field: give it a default that reproduces today's behaviour, and declare it with
+    ``run_field(default)`` if it changes what is trained (it then enters ``key()`` only when
+    it differs from its default, so every existing key stays valid; never ``key="always"``),
+    else ``execution_field(default)``. Add ``pack_shared=N`` if pack members must agree on it,
+    ``axis="..."`` if a sweep sets it outside [train], ``cli=N`` for a ``stabench run`` flag.
+    """
 
     __pydantic_config__ = ConfigDict(extra="forbid")
 
     # what is trained
-    model: str = "micro"
-    stabilizer: str = "baseline"
-    hparams: dict[str, float] = field(default_factory=dict)  # e.g. {"lam": 1e-4} or {"cap": 30}
-    weight_tying: bool = False
-    lr: float = 3e-3
-    min_lr: float = 1e-5
-    warmup: int = 100
-    steps: int = 500
-    batch_size: int = 8
-    seq_len: int = 64
-    vocab_size: int = 8192
-    data: str = "synthetic"
-    seed: int = 1
-    data_seed: int | None = None  # batch order; None = same as seed
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    precision: Precision = "auto"
-    eval_every: int = 100
-    eval_batches: int = 4
-    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+    model: str = run_field("micro", key="always", axis="[grid] as models = [...]", pack_shared=0, cli=0)
+    stabilizer: str = run_field("baseline", key="always", axis="[stabilizers]", pack_shared=12, cli=1)
+    hparams: dict[str, float] = run_field(factory=dict, key="always",  # e.g. {"lam": 1e-4} or {"cap": 30}
+                                          axis="[stabilizers] as <stabilizer>.<name> = [...]")
+    weight_tying: bool = run_field(False, key="always", axis="[grid] as weight_tying = [...]", pack_shared=3)
+    lr: float = run_field(3e-3, key="always", axis="[grid] as lr = [...]", cli=2)
+    min_lr: float = run_field(1e-5, key="always", cli=3)
+    warmup: int = run_field(100, key="always", pack_shared=7, cli=5)
+    steps: int = run_field(500, key="always", pack_shared=6, cli=4)
+    batch_size: int = run_field(8, key="always", pack_shared=5, cli=6)
+    seq_len: int = run_field(64, key="always", pack_shared=2, cli=8)
+    vocab_size: int = run_field(8192, key="always", pack_shared=1, cli=9)
+    data: str = run_field("synthetic", key="always", pack_shared=4, cli=10)
+    seed: int = run_field(1, key="always", axis="[grid] as seeds = [...]", cli=11)
+    data_seed: int | None = run_field(None, key="always", cli=12)  # batch order; None = same as seed
+    beta1: float = run_field(0.9, key="always")
+    beta2: float = run_field(0.95, key="always")
+    eps: float = run_field(1e-8, key="always")
+    weight_decay: float = run_field(0.0, key="always", cli=19)
+    grad_clip: float = run_field(1.0, key="always", cli=20)
+    precision: Precision = run_field("auto", key="always", pack_shared=11, cli=14)
+    eval_every: int = run_field(100, key="always", pack_shared=8, cli=16)
+    eval_batches: int = run_field(4, key="always", pack_shared=9, cli=17)
+    divergence: DivergenceConfig = run_field(factory=DivergenceConfig, key="always")
     # how and where it is trained (not part of the key)
-    sweep: str = ""
-    log_every: int = 10
-    micro_batch_size: int | None = None  # gradient accumulation; None = batch_size
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    compile: bool = False
-    threads: int | None = None
+    sweep: str = execution_field("", axis="the top-level name")
+    log_every: int = execution_field(10, pack_shared=10, cli=18)
+    micro_batch_size: int | None = execution_field(None, pack_shared=13, cli=7)  # grad. accumulation; None = batch_size
+    device: Literal["auto", "cpu", "cuda"] = execution_field("auto", pack_shared=14, cli=13)
+    compile: bool = execution_field(False, pack_shared=16)  # a pack compiles its batched forward or not
+    threads: int | None = execution_field(None, pack_shared=15, cli=15)
 
-    EXECUTION_FIELDS = ("sweep", "log_every", "micro_batch_size", "device", "compile", "threads")
+    EXECUTION_FIELDS: ClassVar[tuple[str, ...]] = ()  # set below the class, from the metadata
 
     # -- derived -------------------------------------------------------------
     def model_config(self) -> ModelConfig:
@@ -114,8 +151,8 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def key(self) -> str:
-        """16-hex-digit hash of the fields that define the run (execution fields excluded)."""
-        d = {k: v for k, v in self.to_dict().items() if k not in self.EXECUTION_FIELDS}
+        """16-hex-digit hash of the run fields (execution fields excluded; see ``_key_dict``)."""
+        d = _key_dict(self)
         d["hparams"] = {k: float(v) for k, v in sorted(d["hparams"].items())}
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -164,6 +201,42 @@ class RunConfig:
         except DataError as e:
             fail("data", str(e))
         return self
+
+
+def fields_with(role: Role | None = None, flag: str | None = None,
+                of: type = RunConfig) -> tuple[dataclasses.Field, ...]:
+    """Fields of ``of`` with this role and/or flag: in field order, or by rank for a ranked flag."""
+    if flag is not None and flag not in FLAGS:
+        raise ValueError(f"unknown flag {flag!r}; allowed: {', '.join(FLAGS)}")
+    out = [f for f in dataclasses.fields(of) if (role is None or f.metadata["role"] == role)
+           and (flag is None or f.metadata.get(flag) is not None)]
+    if flag is not None and all(isinstance(f.metadata[flag], int) for f in out):
+        out.sort(key=lambda f: f.metadata[flag])
+    return tuple(out)
+
+
+RunConfig.EXECUTION_FIELDS = tuple(f.name for f in fields_with(role="execution"))
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _key_dict(obj: Any) -> dict[str, Any]:
+    """The run fields of dataclass ``obj`` that enter the key (nested dataclasses alike).
+
+    ``key="always"`` fields are always there; ``key="if_not_default"`` ones only when they
+    differ from their default, so adding such a field keeps every existing key.
+    """
+    out = {}
+    for f in dataclasses.fields(obj):
+        if f.metadata["role"] != "run":
+            continue
+        value = getattr(obj, f.name)
+        if f.metadata["key"] == "if_not_default" and value == _default(f):
+            continue
+        out[f.name] = _key_dict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+    return out
 
 
 _ADAPTER = TypeAdapter(RunConfig)

@@ -423,7 +423,7 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
 
 
 def main(name: str, args: argparse.Namespace) -> int:
-    from .cli import UsageError
+    from .errors import UsageError
     from .model import PRESETS
 
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())

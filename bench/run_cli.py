@@ -4,19 +4,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import typing
 from pathlib import Path
 
-# CLI flag -> RunConfig field (flags left unset fall back to --config, then to defaults)
+from .config import RunConfig, fields_with
+
+
+def _flag_type(annotation: typing.Any) -> type:
+    """The argparse type of a field annotation: ``int | None`` -> int, a Literal of strings -> str."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Literal:
+        return type(args[0])
+    return _flag_type(args[0]) if args else annotation
+
+
+# CLI flag -> RunConfig field, from the fields' ``cli`` metadata (flags left unset fall back to
+# --config, then to defaults)
 RUN_FLAGS: dict[str, tuple[str, type]] = {
-    "--model": ("model", str), "--stabilizer": ("stabilizer", str), "--lr": ("lr", float),
-    "--min-lr": ("min_lr", float), "--steps": ("steps", int), "--warmup": ("warmup", int),
-    "--batch-size": ("batch_size", int), "--micro-batch-size": ("micro_batch_size", int),
-    "--seq-len": ("seq_len", int), "--vocab-size": ("vocab_size", int), "--data": ("data", str),
-    "--seed": ("seed", int), "--data-seed": ("data_seed", int), "--device": ("device", str),
-    "--precision": ("precision", str), "--threads": ("threads", int), "--eval-every": ("eval_every", int),
-    "--eval-batches": ("eval_batches", int), "--log-every": ("log_every", int),
-    "--weight-decay": ("weight_decay", float), "--grad-clip": ("grad_clip", float),
-}
+    "--" + f.name.replace("_", "-"): (f.name, _flag_type(typing.get_type_hints(RunConfig)[f.name]))
+    for f in fields_with(flag="cli")}
 
 
 def configure(name: str, p: argparse.ArgumentParser) -> None:
@@ -37,7 +43,7 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from .cli import UsageError
+    from .errors import UsageError
     from .config import from_dict, load_toml
 
     values = load_toml(args.config) if args.config else {}

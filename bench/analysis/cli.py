@@ -29,7 +29,7 @@ def configure(name: str, parser: argparse.ArgumentParser) -> None:
 
 
 def _load(path: str):
-    from bench.cli import UsageError
+    from bench.errors import UsageError
 
     from .results import load_results
 
@@ -40,7 +40,7 @@ def _load(path: str):
 
 
 def _published(path: str | None):
-    from bench.cli import UsageError
+    from bench.errors import UsageError
 
     from .external import read_published
 
@@ -124,7 +124,7 @@ def _claims(args: argparse.Namespace) -> int:
 
 
 def main(name: str, args: argparse.Namespace) -> int:
-    """Run subcommand ``name``; bad input raises ``bench.cli.UsageError`` (one line, exit 2)."""
+    """Run subcommand ``name``; bad input raises ``bench.errors.UsageError`` (one line, exit 2)."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless: never open a window

@@ -6,9 +6,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-
-class DataError(ValueError):
-    """Data that cannot be loaded or does not fit the model."""
+from ..errors import DataError
 
 
 @dataclass

@@ -11,16 +11,12 @@ import math
 from collections import OrderedDict
 from typing import Hashable
 
-from ..config import RunConfig
+from ..config import RunConfig, fields_with
 
-# RunConfig fields that must be equal within a pack (besides the resolved data seed).
-SHARED_FIELDS = (
-    "model", "vocab_size", "seq_len", "weight_tying",        # architecture
-    "data", "batch_size", "steps", "warmup",                 # data and schedule length
-    "eval_every", "eval_batches", "log_every",               # what is recorded when
-    "precision", "stabilizer",                               # numerics, hook code
-    "micro_batch_size", "device", "threads",                 # how the one process runs
-)
+# RunConfig fields that must be equal within a pack (besides the resolved data seed), in the
+# order of their ``pack_shared`` rank: architecture; data and schedule length; what is recorded
+# when; numerics and hook code; how the one process runs.
+SHARED_FIELDS: tuple[str, ...] = tuple(f.name for f in fields_with(flag="pack_shared"))
 
 # Pack size chosen by ``k="auto"``: measured on a 2-core AVX2 CPU (see bench/pack/throughput.py);
 # larger packs only add memory once the cores are busy.

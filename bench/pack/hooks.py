@@ -12,16 +12,14 @@ computes in a single run.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 
+from ..errors import PackError
 from ..stabilizers import LossInputs, Stabilizer, make_stabilizer
 from ..stabilizers.apply import apply_after_step as apply_hook, hooked_cross_entropy
 
-
-class PackError(RuntimeError):
-    """Configs that cannot be trained as one pack."""
+__all__ = ["PackError", "PackedStabilizer"]
 
 
 class PackedStabilizer:

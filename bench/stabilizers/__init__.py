@@ -16,6 +16,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+from ..errors import StabilizerError
 from .base import OUTPUT_EMBEDDING, LossInputs, Stabilizer
 from .baseline import Baseline
 from .mucentering import MuCentering
@@ -30,10 +31,6 @@ ENTRY_POINT_GROUP = "stabench.stabilizers"
 
 __all__ = ["BUILTIN", "OUTPUT_EMBEDDING", "LossInputs", "Stabilizer", "StabilizerError",
            "load_stabilizer_class", "make_stabilizer"]
-
-
-class StabilizerError(ValueError):
-    """A stabilizer spec or hyperparameter that cannot be used."""
 
 
 def _entry_points() -> dict[str, Any]:

@@ -77,7 +77,7 @@ def record_sweep_file(path: str, spec, out: Path) -> None:
 
 
 def _positive(flag: str, value: int | None) -> None:
-    from ..cli import UsageError
+    from ..errors import UsageError
     if value is not None and value < 1:
         raise UsageError(f"{flag} must be >= 1, got {value}")
 

@@ -46,7 +46,7 @@ def slurm_script(spec: SweepSpec, sweep_file: str | Path, storage_url: str | Non
                  opts: SlurmOptions, workdir: Path | None = None) -> str:
     """The sbatch script text (no side effects)."""
     if opts.array < 1:
-        from ..cli import UsageError
+        from ..errors import UsageError
         raise UsageError(f"--array must be >= 1, got {opts.array}")
     out = Path(out).resolve()
     workdir = (workdir or Path.cwd()).resolve()
@@ -92,7 +92,7 @@ def slurm_script(spec: SweepSpec, sweep_file: str | Path, storage_url: str | Non
 
 def submit(script: Path, storage_url: str | None) -> str:
     """sbatch the script with the storage URL in its environment; returns the job id."""
-    from ..cli import UsageError
+    from ..errors import UsageError
 
     env = dict(os.environ)
     if storage_url:

@@ -52,19 +52,12 @@ from typing import Any, Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..config import ConfigError, Precision, RunConfig, from_dict, load_toml
+from ..config import ConfigError, Precision, RunConfig, fields_with, from_dict, load_toml
 from ..model import PRESETS
 
-# RunConfig fields a sweep sets itself, and where a sweep file sets them instead of [train].
-AXES: dict[str, str] = {
-    "model": "[grid] as models = [...]",
-    "lr": "[grid] as lr = [...]",
-    "seed": "[grid] as seeds = [...]",
-    "weight_tying": "[grid] as weight_tying = [...]",
-    "stabilizer": "[stabilizers]",
-    "hparams": "[stabilizers] as <stabilizer>.<name> = [...]",
-    "sweep": "the top-level name",
-}
+# RunConfig fields a sweep sets itself, and where a sweep file sets them instead of [train]
+# (their ``axis`` metadata).
+AXES: dict[str, str] = {f.name: f.metadata["axis"] for f in fields_with(flag="axis")}
 TRAIN_KEYS = [f.name for f in dataclasses.fields(RunConfig) if f.name not in AXES]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 

@@ -28,7 +28,7 @@ def locate(target: str, storage_url: str | None, out: str | None = None) -> Targ
     """A sweep file or a results directory -> its storage and studies."""
     import os
 
-    from ..cli import UsageError
+    from ..errors import UsageError
     from .grid import study_names
 
     path = Path(target)

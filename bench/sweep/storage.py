@@ -39,6 +39,7 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
+from ..errors import StorageError
 from .grid import DEFINITION_ATTRS
 from .spec import ExecutionSpec
 
@@ -355,8 +356,7 @@ class DatabaseSweepStorage(SweepStorage):
             except Exception as e:
                 error = e
                 break
-        from ..cli import UsageError
-        raise UsageError(f"cannot open storage {self.display}: {redact(str(error), self.url)}") from None
+        raise StorageError(f"cannot open storage {self.display}: {redact(str(error), self.url)}") from None
 
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[None]:
@@ -418,12 +418,10 @@ def open_storage(url: str | None, out: Path, execution: ExecutionSpec) -> SweepS
         return DatabaseSweepStorage(url, execution)
     path = journal_path(url)
     if path.is_dir():
-        from ..cli import UsageError
-        raise UsageError(f"storage {url} is a directory; give the journal file, e.g. {path / JOURNAL_NAME}")
+        raise StorageError(f"storage {url} is a directory; give the journal file, e.g. {path / JOURNAL_NAME}")
     try:
         return JournalSweepStorage(url, execution)
     except OSError as e:
         if e.errno in (errno.EACCES, errno.ENOENT, errno.EROFS):
-            from ..cli import UsageError
-            raise UsageError(f"cannot open journal {url}: {e.strerror}") from None
+            raise StorageError(f"cannot open journal {url}: {e.strerror}") from None
         raise

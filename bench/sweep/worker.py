@@ -128,7 +128,7 @@ def run_trials(queue: TrialQueue, claims: list[Claim], data: Callable, log: Log,
     file and resumes from it when the same members are claimed again. A pack whose stabilizer
     cannot be vectorized (``PackError``) is trained one trial at a time instead.
     """
-    from ..pack.hooks import PackError
+    from ..errors import PackError
 
     cfgs = [c.config.replace(threads=threads) if threads else c.config for c in claims]
     k = len(claims)
@@ -147,7 +147,7 @@ def run_trials(queue: TrialQueue, claims: list[Claim], data: Callable, log: Log,
 def _train_and_record(queue: TrialQueue, claims: list[Claim], cfgs: list[RunConfig], leases: list, data: Callable,
                       log: Log, threads: int | None) -> list[str]:
     """Train ``cfgs`` as one pack (or one trial), record and complete each; PackError propagates."""
-    from ..pack.hooks import PackError
+    from ..errors import PackError
     from ..trainer import train_members
 
     k, out, every = len(claims), queue.out, queue.spec.execution.checkpoint_every
