@@ -130,6 +130,7 @@ class RunConfig:
     device: Literal["auto", "cpu", "cuda"] = execution_field("auto", pack_shared=14, cli=13)
     compile: bool = execution_field(False, pack_shared=16)  # a pack compiles its batched forward or not
     threads: int | None = execution_field(None, pack_shared=15, cli=15)
+    log: Literal["none", "tensorboard", "wandb", "mlflow"] = execution_field("none", cli=21)  # bench.tracking
 
     EXECUTION_FIELDS: ClassVar[tuple[str, ...]] = ()  # set below the class, from the metadata
 
@@ -200,6 +201,9 @@ class RunConfig:
             check_data_spec(self.data)
         except DataError as e:
             fail("data", str(e))
+        from .tracking import check_tracker
+        if (why := check_tracker(self.log)) is not None:
+            fail("log", why)
         return self
 
 

@@ -74,10 +74,12 @@ def main(name: str, args: argparse.Namespace) -> int:
     if name == "presets":
         return _presets(args)
     from . import records
+    from .tracking import open_tracker
     from .trainer import train
 
     cfg = config_from_args(args)  # every check happens before anything is written
-    result = train(cfg, progress=not args.quiet)
+    tracker = open_tracker(cfg.log, args.out)  # a missing tracker package is an error before training
+    result = train(cfg, progress=not args.quiet, tracker=tracker)
     records.write_run(args.out, result.run, result.curve)
     r = result.run
     status = f"DIVERGED at step {r['diverged_step']} ({r['diverged_reason']})" if r["diverged"] else "finished"

@@ -36,6 +36,7 @@ from .data import TokenData, load_data
 from .divergence import DivergenceMonitor
 from .model import GPT
 from .stabilizers import Stabilizer, make_stabilizer
+from .tracking import Tracker
 from .train_module import TrainModule, build_module, resolve_device, stabilized_loss
 
 __all__ = ["RunResult", "train", "train_members", "lr_at", "evaluate", "checkpoint_keys", "resolve_device"]
@@ -263,7 +264,7 @@ def _info(members: list[_Member], rows: list[int]) -> tuple[str, bool]:
 
 def train_members(cfgs: list[RunConfig], *, data: TokenData | None = None, checkpoint: str | Path | None = None,
                   checkpoint_every: int = 0, progress: bool = False, stop_at: int | None = None,
-                  module: TrainModule | None = None) -> list[RunResult] | None:
+                  module: TrainModule | None = None, tracker: Tracker | None = None) -> list[RunResult] | None:
     """Train ``cfgs`` side by side (K = len(cfgs) ≥ 1, equal ``pack_key`` when K > 1).
 
     Returns one RunResult per config, in input order. Divergence of a member is recorded,
@@ -271,7 +272,8 @@ def train_members(cfgs: list[RunConfig], *, data: TokenData | None = None, check
     save to every ``checkpoint_every`` steps (0 = never; saved at the log cadence); removed
     when the run finishes. stop_at: leave after this step with a checkpoint saved and return
     None (time-sliced jobs; checked at the log cadence). module: a prepared training module
-    (default ``build_module(cfgs)``).
+    (default ``build_module(cfgs)``). tracker: receives each member's curve rows as they are
+    made and its run row at the end (``bench.tracking``).
     """
     cfgs = [c.check() for c in cfgs]
     c0, K = cfgs[0], len(cfgs)
@@ -299,6 +301,9 @@ def train_members(cfgs: list[RunConfig], *, data: TokenData | None = None, check
         start = state["step"]
 
     started_at = provenance.utc_now()
+    if tracker is not None:
+        for i in active:
+            tracker.start(keys[i], cfgs[i].to_dict())
 
     def finish(row: int, steps_done: int) -> None:
         """Final evaluation and run row of the member in module row ``row``."""
@@ -309,6 +314,8 @@ def train_members(cfgs: list[RunConfig], *, data: TokenData | None = None, check
                                spike_score=m.monitor.spike_score, steps_done=steps_done, elapsed=m.elapsed,
                                interval_times=m.interval_times, started_at=started_at)
         results[active[row]] = RunResult(run, m.curve)
+        if tracker is not None:
+            tracker.finish(keys[active[row]], run)
 
     def save(step: int) -> None:
         _save_checkpoint(ckpt, {
@@ -354,6 +361,8 @@ def train_members(cfgs: list[RunConfig], *, data: TokenData | None = None, check
                 if math.isfinite(ev["val_loss"]):
                     m.best_val = min(m.best_val, ev["val_loss"])
             m.curve.append(crow)
+            if tracker is not None:
+                tracker.log(keys[idx], step, crow)
             if m.diverged_step is not None:
                 finish(row, step)
                 frozen.append(row)
@@ -371,6 +380,9 @@ def train_members(cfgs: list[RunConfig], *, data: TokenData | None = None, check
             save(step)
         if leaving:
             bar.close()
+            if tracker is not None:
+                for i in active:
+                    tracker.leave(keys[i])
             return None
         t_interval = time.perf_counter()
     bar.close()
@@ -383,8 +395,9 @@ def train_members(cfgs: list[RunConfig], *, data: TokenData | None = None, check
 
 
 def train(cfg: RunConfig, *, data: TokenData | None = None, checkpoint: str | Path | None = None,
-          checkpoint_every: int = 0, progress: bool = False, stop_at: int | None = None) -> RunResult | None:
+          checkpoint_every: int = 0, progress: bool = False, stop_at: int | None = None,
+          tracker: Tracker | None = None) -> RunResult | None:
     """Train the run described by ``cfg`` (``train_members`` with one member)."""
     out = train_members([cfg], data=data, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
-                        progress=progress, stop_at=stop_at)
+                        progress=progress, stop_at=stop_at, tracker=tracker)
     return None if out is None else out[0]

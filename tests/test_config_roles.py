@@ -21,7 +21,7 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 KEY_V1 = ["model", "stabilizer", "hparams", "weight_tying", "lr", "min_lr", "warmup", "steps", "batch_size",
           "seq_len", "vocab_size", "data", "seed", "data_seed", "beta1", "beta2", "eps", "weight_decay",
           "grad_clip", "precision", "eval_every", "eval_batches", "divergence"]
-EXECUTION_FIELDS = ("sweep", "log_every", "micro_batch_size", "device", "compile", "threads")
+EXECUTION_FIELDS = ("sweep", "log_every", "micro_batch_size", "device", "compile", "threads", "log")
 SPEC_AXES = {
     "model": "[grid] as models = [...]",
     "lr": "[grid] as lr = [...]",
@@ -33,7 +33,7 @@ SPEC_AXES = {
 }
 SPEC_TRAIN_KEYS = ["min_lr", "warmup", "steps", "batch_size", "seq_len", "vocab_size", "data", "data_seed",
                    "beta1", "beta2", "eps", "weight_decay", "grad_clip", "precision", "eval_every",
-                   "eval_batches", "divergence", "log_every", "micro_batch_size", "device", "compile", "threads"]
+                   "eval_batches", "divergence", "log_every", "micro_batch_size", "device", "compile", "threads", "log"]
 SPEC_SHARED_FIELDS = (
     "model", "vocab_size", "seq_len", "weight_tying",
     "data", "batch_size", "steps", "warmup",
@@ -51,6 +51,7 @@ SPEC_RUN_FLAGS = {
     "--precision": ("precision", str), "--threads": ("threads", int), "--eval-every": ("eval_every", int),
     "--eval-batches": ("eval_batches", int), "--log-every": ("log_every", int),
     "--weight-decay": ("weight_decay", float), "--grad-clip": ("grad_clip", float),
+    "--log": ("log", str),  # experiment tracker (bench.tracking)
 }
 
 

@@ -148,6 +148,7 @@ def _train_and_record(queue: TrialQueue, claims: list[Claim], cfgs: list[RunConf
                       log: Log, threads: int | None) -> list[str]:
     """Train ``cfgs`` as one pack (or one trial), record and complete each; PackError propagates."""
     from ..errors import PackError
+    from ..tracking import open_tracker
     from ..trainer import train_members
 
     k, out, every = len(claims), queue.out, queue.spec.execution.checkpoint_every
@@ -163,7 +164,8 @@ def _train_and_record(queue: TrialQueue, claims: list[Claim], cfgs: list[RunConf
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         ckpt.with_suffix(".keys").write_text("\n".join(keys) + "\n")
     try:
-        results = train_members(cfgs, data=data(cfgs[0]), checkpoint=ckpt if every else None, checkpoint_every=every)
+        results = train_members(cfgs, data=data(cfgs[0]), checkpoint=ckpt if every else None, checkpoint_every=every,
+                                tracker=open_tracker(cfgs[0].log, out))
     except PackError:
         ckpt.with_suffix(".keys").unlink(missing_ok=True)
         raise
