@@ -243,6 +243,33 @@ def _key_dict(obj: Any) -> dict[str, Any]:
     return out
 
 
+def protocol(cfg: RunConfig, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """What a sweep's runs share: the key's fields minus the grid axes (``axis`` metadata: model,
+    lr, seed, tying, stabilizer, hparams) and ``exclude``. Runs of one protocol can be pooled and
+    compared; a new field at its default leaves the protocol unchanged, as it leaves the key."""
+    axes = {f.name for f in fields_with(flag="axis")} | set(exclude)
+    return {k: v for k, v in _key_dict(cfg).items() if k not in axes}
+
+
+def protocol_fingerprint(proto: dict[str, Any]) -> str:
+    """12-hex-digit hash of a ``protocol`` dict."""
+    blob = json.dumps(proto, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def protocol_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: old → new`` for every protocol key that differs (nested dicts flattened with dots)."""
+    def flat(d: dict[str, Any], pre: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
+        return out
+
+    a, b = flat(old), flat(new)
+    return [f"{k}: {a.get(k, '(default)')!r} → {b.get(k, '(default)')!r}" for k in sorted(set(a) | set(b))
+            if a.get(k, "(default)") != b.get(k, "(default)")]
+
+
 _ADAPTER = TypeAdapter(RunConfig)
 
 

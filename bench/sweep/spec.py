@@ -115,6 +115,16 @@ class SweepSpec(_Strict):
         """RunConfig values shared by every trial."""
         return {**self.train, "sweep": self.name}
 
+    @property
+    def protocol(self) -> dict[str, Any]:
+        """What every run of this sweep shares beyond its grid axes (``bench.config.protocol``);
+        ``precision`` is left out when it is a grid axis."""
+        from ..config import protocol
+        return protocol(from_dict(self.base_config), exclude=("precision",) if self.grid.precision else ())
+
+    def renamed(self, name: str) -> "SweepSpec":
+        return self.model_copy(update={"name": name})
+
 
 _SECTIONS: dict[tuple[str, ...], type[BaseModel]] = {
     (): SweepSpec, ("grid",): GridSpec, ("execution",): ExecutionSpec, ("search",): SearchSpec}

@@ -15,6 +15,7 @@ Rules that make results exactly-once:
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -94,6 +95,47 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
+def _jsonable_tree(x: Any) -> Any:
+    """A protocol dict as JSON stores it (what a study attribute reads back as)."""
+    return json.loads(json.dumps(x, default=str))
+
+
+def _protocol_of_config(config: dict[str, Any], spec: SweepSpec) -> dict[str, Any]:
+    from ..config import protocol
+
+    exclude = ("precision",) if spec.grid.precision else ()
+    return _jsonable_tree(protocol(from_dict(config), exclude=exclude))
+
+
+def _study_protocol(study: optuna.Study, spec: SweepSpec) -> dict[str, Any] | None:
+    """The protocol a study was made for: its attribute, or (older studies) its first trial's."""
+    if "protocol" in study.user_attrs:
+        return study.user_attrs["protocol"]
+    for t in study.get_trials(deepcopy=False):
+        if "config" in t.user_attrs:
+            return _protocol_of_config(t.user_attrs["config"], spec)
+    return None
+
+
+def _recorded_protocol(out: Path, spec: SweepSpec) -> dict[str, Any] | None:
+    """The protocol of the runs of sweep ``spec.name`` already in ``out/runs.parquet`` (the first
+    one that differs from this sweep's, if any), or None."""
+    merged = out / "runs.parquet"
+    if not merged.exists():
+        return None
+    table = pq.read_table(merged, columns=["sweep", "config"])
+    new = _jsonable_tree(spec.protocol)
+    first = None
+    for sweep, config in set(zip(table.column("sweep").to_pylist(), table.column("config").to_pylist())):
+        if sweep != spec.name or not config:
+            continue
+        proto = _protocol_of_config(json.loads(config), spec)
+        if proto != new:
+            return proto
+        first = proto
+    return first
+
+
 def _waiting(study: optuna.Study) -> list[FrozenTrial]:
     """A study's waiting trials in claiming order: retries first (they usually have a checkpoint
     to resume from), then by number."""
@@ -130,15 +172,40 @@ class TrialQueue:
 
     def __init__(self, spec: SweepSpec, storage: SweepStorage, out: Path):
         self.spec, self.storage, self.out = spec, storage, Path(out)
+        self._check_protocol()
         self.studies = {name: storage.study(name) for name in study_names(spec)}
         self.points = expand(spec) if spec.mode == "grid" else []
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         for study in self.studies.values():
             self._describe(study)
 
+    def _check_protocol(self) -> None:
+        """Refuse to add this sweep to a study or results directory that holds another protocol
+        (changed [train] settings): their rows would be pooled as if they were one."""
+        from ..config import protocol_changes, protocol_fingerprint
+        from ..errors import UsageError
+
+        new = _jsonable_tree(self.spec.protocol)
+        existing = set(self.storage.study_names())
+        for name in study_names(self.spec):
+            old = _study_protocol(self.storage.load(name), self.spec) if name in existing else None
+            where = f"study {name} in {self.storage.display}"
+            if old is None:
+                old, where = _recorded_protocol(self.out, self.spec), f"{self.out / 'runs.parquet'}"
+            if old is not None and old != new:
+                changed = "; ".join(protocol_changes(old, new))
+                raise UsageError(
+                    f"sweep {self.spec.name}: its protocol differs from the runs already in {where} ({changed}); "
+                    f"use a new results directory (--out DIR) or sweep name, or --force-new-protocol to start "
+                    f"study {self.spec.name}-{protocol_fingerprint(new)} beside it, its rows kept apart")
+
     def _describe(self, study: optuna.Study) -> None:
+        from ..config import protocol_fingerprint
+
         attrs = {"sweep": self.spec.name, "description": self.spec.description, "mode": self.spec.mode,
-                 "grid_points": len(self.points) if self.spec.mode == "grid" else self.spec.search.trials}
+                 "grid_points": len(self.points) if self.spec.mode == "grid" else self.spec.search.trials,
+                 "protocol": _jsonable_tree(self.spec.protocol),
+                 "protocol_fingerprint": protocol_fingerprint(self.spec.protocol)}
         current = study.user_attrs
         for k, v in attrs.items():
             if current.get(k) != v:
