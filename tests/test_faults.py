@@ -178,3 +178,62 @@ def test_a_torn_last_journal_record_is_set_aside_and_a_damaged_line_is_one_error
     assert done.returncode == 2
     (line,) = done.stderr.strip().splitlines()
     assert "line 4 is not a valid record" in line and f"sed -i '4d' {journal}" in line
+
+
+# -- 4. damaged or missing merged records, a failing merge --------------------------------------
+def test_merged_records_are_rebuilt_from_their_parts_and_a_failed_merge_fails_no_trial(tmp_path):
+    from bench import records
+
+    path = sweep_file(tmp_path, "rec", lrs=(1e-3, 2e-3))
+    out = tmp_path / "results" / "rec"
+    assert stabench("sweep", "rec.toml", "--workers", "1", cwd=tmp_path).returncode == 0
+    runs = out / "runs.parquet"
+
+    runs.write_bytes(b"PAR1 this is not a parquet file")  # a damaged merged file
+    done = stabench("status", "results/rec", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "2 of 2 trial keys recorded" in done.stdout
+    assert len(records.read_runs(out)) == 2  # rebuilt from the parts
+    assert (out / "runs.parquet.corrupt").exists()
+
+    runs.unlink()  # a deleted merged file
+    assert len(records.read_runs(out)) == 2 and runs.exists()
+
+    part = sorted((out / "parts" / "curves").glob("*.parquet"))[0]
+    part.write_bytes(b"garbage")  # a damaged part: set aside, its rows stay in the merged file
+    sweep_file(tmp_path, "rec", lrs=(1e-3, 2e-3, 3e-3))
+    done = stabench("sweep", "rec.toml", "--workers", "1", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert len(pq.read_table(runs)) == 3 and len(records.read_curves(out)) == 3 * 2
+    assert part.with_name(part.name + ".corrupt").exists()
+
+    (out / ".lock").unlink()
+    (out / ".lock").mkdir()  # the merge cannot take its lock: it fails after training
+    sweep_file(tmp_path, "rec", lrs=(1e-3, 2e-3, 3e-3, 4e-3))
+    done = stabench("sweep", "rec.toml", "--workers", "1", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert trial_states(path, out).count(TrialState.COMPLETE) == 4  # the trial is complete all the same
+    assert len(pq.read_table(runs)) == 3  # not merged yet ...
+    (out / ".lock").rmdir()
+    assert len(records.read_runs(out)) == 4  # ... until the next read rebuilds it
+
+
+# -- 6. temporaries of killed writers -------------------------------------------------------------
+def test_temporaries_of_killed_writers_are_removed_at_the_next_merge(tmp_path):
+    from bench import records
+
+    out = tmp_path / "out"
+    (out / "parts" / "runs").mkdir(parents=True)
+    code = ("import os, signal, sys; from pathlib import Path; from bench import records\n"
+            "for p in (Path(sys.argv[1]) / 'runs.parquet', Path(sys.argv[1]) / 'parts/runs/x.parquet'):\n"
+            "    records._tmp_path(p).write_bytes(b'PAR1 half written')\n"
+            "os.kill(os.getpid(), signal.SIGKILL)  # killed mid-merge\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", code, str(out)], env=env, timeout=60)
+    assert done.returncode == -9
+    left = [p for p in out.rglob(".*.tmp")]
+    assert len(left) == 2
+    mine = records._tmp_path(out / "curves.parquet")  # a live writer's (this process): kept
+    mine.write_bytes(b"in progress")
+    records.merge_parts(out)
+    assert [p for p in out.rglob(".*.tmp")] == [mine]
