@@ -237,3 +237,21 @@ def test_temporaries_of_killed_writers_are_removed_at_the_next_merge(tmp_path):
     mine.write_bytes(b"in progress")
     records.merge_parts(out)
     assert [p for p in out.rglob(".*.tmp")] == [mine]
+
+
+# -- 5. lease settings that cannot work ---------------------------------------------------------
+@pytest.mark.parametrize("execution,key,says", [
+    ("heartbeat_s = 120\nlease_s = 60", "execution.heartbeat_s", "lease_s = 60"),
+    ("heartbeat_s = 60\nlease_s = 60", "execution.heartbeat_s", "lease_s = 60"),
+    ("lease_s = inf", "execution.lease_s", "finite"),
+    ("heartbeat_s = 1e400", "execution.heartbeat_s", "finite"),
+])
+def test_a_heartbeat_not_shorter_than_the_lease_or_an_infinite_period_is_refused(tmp_path, execution, key, says):
+    sweep_file(tmp_path, "lease", extra=f"[execution]\n{execution}\n")
+    done = stabench("sweep", "lease.toml", cwd=tmp_path, timeout=60)
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("stabench sweep: error: ") and key in line and says in line
+    if "lease_s = 60" in says:
+        assert "execution.lease_s" in line
+    assert not (tmp_path / "results").exists()  # nothing written
