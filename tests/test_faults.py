@@ -255,3 +255,27 @@ def test_a_heartbeat_not_shorter_than_the_lease_or_an_infinite_period_is_refused
     if "lease_s = 60" in says:
         assert "execution.lease_s" in line
     assert not (tmp_path / "results").exists()  # nothing written
+
+
+# -- 12. credentials in storage URLs that do not parse --------------------------------------------
+@pytest.mark.parametrize("url,masked", [
+    ("postgresql://alice:Sekr1tPW@db-host:notaport/db", "postgresql://alice:***@db-host:notaport/db"),
+    ("postgresql://alice:p@Sekr1tPW@db-host/db", "postgresql://alice:***@db-host/db"),  # unencoded '@'
+    ("https://u:Sekr1tPW@example.org/x", "https://u:***@example.org/x"),
+])
+def test_a_password_in_a_url_that_does_not_parse_is_never_printed_nor_scripted(tmp_path, url, masked):
+    from bench.sweep.storage import mask_url
+    assert mask_url(url) == masked
+    sweep_file(tmp_path, "sec")
+    done = stabench("launch", "slurm", "--sweep", "sec.toml", "--storage", url, "--array", "2", "--out", "job.sh",
+                    cwd=tmp_path, timeout=60)
+    assert done.returncode == 0, done.stderr
+    script = (tmp_path / "job.sh").read_text()
+    assert "Sekr1tPW" not in script + done.stdout + done.stderr
+    assert masked in done.stdout and f"export STABENCH_STORAGE={masked}" in script
+    assert "STABENCH_STORAGE:-" not in script  # the URL itself is never the script's default
+    for command in (["status", "sec.toml", "--storage", url], ["sweep", "sec.toml", "--storage", url],
+                    ["worker", "--sweep", "sec.toml", "--storage", url]):
+        done = stabench(*command, cwd=tmp_path, timeout=60)
+        assert "Sekr1tPW" not in done.stdout + done.stderr, command
+        assert done.returncode != 0

@@ -56,35 +56,54 @@ def is_database_url(url: str) -> bool:
     return "://" in url
 
 
-def mask_url(url: str) -> str:
-    """The URL with its password replaced by ``***`` (safe to print or store)."""
+def _userinfo(url: str) -> tuple[str, str, str] | None:
+    """``(scheme, userinfo, rest)`` of a URL with credentials, by structure alone (no parser: a
+    URL that does not parse, or has an unencoded '@' in its password, still has them): the
+    userinfo is everything between '://' and the last '@'. None if there is no '@'."""
     if not is_database_url(url):
+        return None
+    scheme, _, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    return (scheme, userinfo, host) if at else None
+
+
+def mask_url(url: str) -> str:
+    """The URL with its credentials masked (safe to print or store):
+    ``postgresql://alice:***@db-host/db``; the user is kept, everything after it is not."""
+    parts = _userinfo(url)
+    if parts is None:
         return url
-    try:
-        from sqlalchemy.engine import make_url
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # unparsable: hide everything between '://' and '@'
-        scheme, _, rest = url.partition("://")
-        return f"{scheme}://***@{rest.rpartition('@')[2]}" if "@" in rest else url
+    scheme, userinfo, host = parts
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}://{user}:***@{host}" if colon else f"{scheme}://***@{host}"
 
 
 def url_password(url: str) -> str | None:
-    if not is_database_url(url):
+    """The secret part of the URL's userinfo (after the user's ':'; the whole userinfo when it has
+    no ':', e.g. a token), raw as written; None if there is none."""
+    parts = _userinfo(url)
+    if parts is None:
         return None
-    try:
-        from sqlalchemy.engine import make_url
-        return make_url(url).password or None
-    except Exception:
-        return None
+    user, colon, password = parts[1].partition(":")
+    return (password if colon else user) or None
 
 
 def redact(text: str, url: str | None) -> str:
-    """``text`` with the URL's password (raw and URL-encoded) replaced by ``***``."""
-    password = url_password(url) if url else None
+    """``text`` with the URL (as the masked URL) and its password (raw, URL-decoded and URL-encoded)
+    replaced by ``***``, and so are its pieces between URL delimiters. A password (piece) shorter than 4 characters is only masked inside the URL:
+    replacing it everywhere would garble ordinary words."""
+    if not url:
+        return text
+    text = text.replace(url, mask_url(url))
+    password = url_password(url)
     if not password:
         return text
-    from urllib.parse import quote, quote_plus
-    for form in sorted({password, quote(password, safe=""), quote_plus(password)}, key=len, reverse=True):
+    from urllib.parse import quote, quote_plus, unquote
+    import re
+    forms = {password, unquote(password), quote(password, safe=""), quote_plus(password)}
+    # a driver that splits the URL elsewhere (an unencoded '@' or ':') prints pieces of the password
+    forms |= {piece for form in list(forms) for piece in re.split(r"[@:/?#]", form)}
+    for form in sorted((f for f in forms if len(f) >= 4), key=len, reverse=True):
         text = text.replace(form, "***")
     return text
 
