@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -99,11 +100,85 @@ def _table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     return pa.table(cols, schema=schema)
 
 
+def _warn(message: str) -> None:
+    import sys
+    print(f"stabench: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _tmp_path(path: Path) -> Path:
+    """The writer's temporary for ``path``: named with its host and pid, so that one left by a
+    killed writer is recognized as such (``clean_stale_temporaries``)."""
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
 def _atomic_write_table(table: pa.Table, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    tmp = _tmp_path(path)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed child not yet reaped is a zombie: dead for our purpose
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def clean_stale_temporaries(directory: Path) -> list[Path]:
+    """Remove ``.NAME.HOST.PID.tmp`` files whose writer, a process on this host, is dead (a kill
+    mid-write leaves them); temporaries of live processes and of other hosts are kept."""
+    host, removed = socket.gethostname(), []
+    try:
+        candidates = [p for p in Path(directory).iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
+    except OSError:
+        return removed
+    for p in candidates:
+        stem = p.name[1:-len(".tmp")]
+        name_host, _, pid = stem.rpartition(".")
+        if not pid.isdigit() or not name_host.endswith("." + host) or _pid_alive(int(pid)):
+            continue
+        try:
+            p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
+def _set_aside(path: Path, error: Exception) -> None:
+    """Rename an unreadable file to ``*.corrupt`` (kept for inspection), with a warning."""
+    aside = path.with_name(path.name + ".corrupt")
+    try:
+        os.replace(path, aside)
+    except OSError:
+        return
+    _warn(f"{path} is unreadable ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+          f"moved it to {aside}")
+
+
+def _readable(path: Path, schema: pa.Schema | None = None, **kw: Any) -> pa.Table | None:
+    """The table in ``path``; None if missing, or unreadable (then set aside as ``*.corrupt``)."""
+    try:
+        return pq.read_table(path, schema=schema, **kw)
+    except FileNotFoundError:
+        return None
+    except (pa.ArrowException, OSError, ValueError) as e:
+        if isinstance(e, OSError) and getattr(e, "errno", None) is not None:
+            raise  # an I/O error (not a damaged file): nothing to set aside
+        _set_aside(path, e)
+        return None
 
 
 @contextmanager
@@ -119,22 +194,38 @@ def locked(out_dir: Path) -> Iterator[None]:
 
 
 def write_run(out_dir: str | Path, run: dict[str, Any], curve: list[dict[str, Any]], merge: bool = True) -> None:
-    """Record one finished run: part files first (atomic), then the merged view."""
+    """Record one finished run: part files first (atomic), then the merged view.
+
+    The part files are the record; the merged files are derived from them, so a failed merge
+    (a full disk, a damaged file) is a warning, never a failure of the run: the next merge, or
+    the next read, rebuilds them."""
     out = Path(out_dir)
     rid = run["run_id"]
     _atomic_write_table(_table(curve, CURVES_SCHEMA), out / "parts" / "curves" / f"{rid}.parquet")
     _atomic_write_table(_table([run], RUNS_SCHEMA), out / "parts" / "runs" / f"{rid}.parquet")
     if merge:
-        merge_parts(out)
+        try:
+            merge_parts(out)
+        except Exception as e:
+            _warn(f"run {rid} is recorded in {out / 'parts'}, but merging it into {out / 'runs.parquet'} failed "
+                  f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); the next merge or read "
+                  "rebuilds it")
+
+
+def _parts(out: Path, kind: str) -> list[Path]:
+    return sorted((out / "parts" / kind).glob("*.parquet"))
 
 
 def _merge(out: Path, kind: str, schema: pa.Schema) -> None:
-    parts = sorted((out / "parts" / kind).glob("*.parquet"))
+    tables, ids = [], set()
+    for p in _parts(out, kind):
+        table = _readable(p, schema)
+        if table is not None:
+            tables.append(table)
+            ids.add(p.stem)
     merged = out / f"{kind}.parquet"
-    tables = [pq.read_table(p, schema=schema) for p in parts]
-    ids = {p.stem for p in parts}
-    if merged.exists():  # rows that exist only in the merged file (e.g. committed results) are kept
-        old = pq.read_table(merged)
+    old = _readable(merged)
+    if old is not None:  # rows that exist only in the merged file (e.g. committed results) are kept
         old = old.filter(pa.compute.invert(pa.compute.is_in(old["run_id"], pa.array(sorted(ids), pa.string()))))
         tables.insert(0, _conform(old, schema))
     if not tables:
@@ -151,22 +242,73 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 def merge_parts(out_dir: str | Path) -> None:
-    """Rebuild OUT/runs.parquet and OUT/curves.parquet from the parts (and the old merged files)."""
+    """Rebuild OUT/runs.parquet and OUT/curves.parquet from the parts (and the old merged files).
+    Unreadable files are set aside as ``*.corrupt``; temporaries of dead writers are removed."""
     out = Path(out_dir)
     import pyarrow.compute  # noqa: F401  (pa.compute)
     with locked(out):
+        for d in (out, out / "parts" / "runs", out / "parts" / "curves"):
+            clean_stale_temporaries(d)
         _merge(out, "curves", CURVES_SCHEMA)
         _merge(out, "runs", RUNS_SCHEMA)
 
 
+def _current(out: Path) -> bool:
+    """Do the merged files exist, read, and hold every run part?"""
+    parts = {p.stem for p in _parts(out, "runs")}
+    runs = _readable(out / "runs.parquet", columns=["run_id"])
+    if runs is None:
+        return not parts and not _parts(out, "curves")
+    if (out / "curves.parquet").exists() and _readable(out / "curves.parquet", columns=["run_id"]) is None:
+        return False
+    if not (out / "curves.parquet").exists() and _parts(out, "curves"):
+        return False
+    return parts <= set(runs.column("run_id").to_pylist())
+
+
+def ensure_merged(out_dir: str | Path) -> None:
+    """Rebuild the merged files if they are missing, damaged or behind their parts (best effort:
+    a read-only results directory is left as it is)."""
+    out = Path(out_dir)
+    if _current(out):
+        return
+    try:
+        merge_parts(out)
+    except OSError as e:
+        _warn(f"cannot rebuild {out / 'runs.parquet'} from its parts: {e}")
+
+
+def recorded_ids(out_dir: str | Path) -> set[str]:
+    """Run ids in the merged runs file and in readable-looking part files (written before the merge)."""
+    out = Path(out_dir)
+    ids = {p.stem for p in _parts(out, "runs")}
+    merged = _readable(out / "runs.parquet", columns=["run_id"])
+    if merged is not None:
+        ids |= set(merged.column("run_id").to_pylist())
+    return ids
+
+
+def recorded_run(out_dir: str | Path, run_id: str) -> dict[str, Any] | None:
+    """The recorded row of run ``run_id`` (its part file, else the merged file), or None."""
+    out = Path(out_dir)
+    part = _readable(out / "parts" / "runs" / f"{run_id}.parquet")
+    if part is not None and len(part):
+        return part.to_pylist()[0]
+    merged = _readable(out / "runs.parquet", filters=[("run_id", "=", run_id)])
+    rows = merged.to_pylist() if merged is not None else []
+    return rows[0] if rows else None
+
+
 def read_runs(out_dir: str | Path) -> pd.DataFrame:
-    path = Path(out_dir) / "runs.parquet"
-    return pd.read_parquet(path) if path.exists() else _table([], RUNS_SCHEMA).to_pandas()
+    ensure_merged(out_dir)
+    table = _readable(Path(out_dir) / "runs.parquet")
+    return table.to_pandas() if table is not None else _table([], RUNS_SCHEMA).to_pandas()
 
 
 def read_curves(out_dir: str | Path) -> pd.DataFrame:
-    path = Path(out_dir) / "curves.parquet"
-    return pd.read_parquet(path) if path.exists() else _table([], CURVES_SCHEMA).to_pandas()
+    ensure_merged(out_dir)
+    table = _readable(Path(out_dir) / "curves.parquet")
+    return table.to_pandas() if table is not None else _table([], CURVES_SCHEMA).to_pandas()
 
 
 def schema_markdown() -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 from pathlib import Path
 
 from .storage import STORAGE_ENV
@@ -82,7 +83,24 @@ def _positive(flag: str, value: int | None) -> None:
         raise UsageError(f"{flag} must be >= 1, got {value}")
 
 
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # a full disk, a full quota
+
+
 def main(name: str, args: argparse.Namespace) -> int:
+    """Run one subcommand; a full disk (or quota) is a one-line error, exit 2: every write of the
+    sweep engine is atomic or truncated back, so what was recorded before is intact."""
+    try:
+        return _main(name, args)
+    except OSError as e:
+        if e.errno not in NO_SPACE:
+            raise
+        from ..errors import UsageError
+        where = f" writing {e.filename}" if e.filename else ""
+        raise UsageError(f"{e.strerror or 'no space left on device'}{where}: free some space and run the same "
+                         "command again (everything recorded so far is kept; unfinished trials are retried)") from None
+
+
+def _main(name: str, args: argparse.Namespace) -> int:
     from .spec import load_spec
 
     if name == "status":

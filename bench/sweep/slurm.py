@@ -62,7 +62,8 @@ def slurm_script(spec: SweepSpec, sweep_file: str | Path, storage_url: str | Non
     for flag, value in (("partition", opts.partition), ("account", opts.account), ("mem", opts.mem)):
         if value:
             sbatch.append(f"--{flag}={value}")
-    if url_password(url):
+    secret = url_password(url)
+    if secret:  # credentials never go into the script: the job reads them from its environment
         storage_line = (f': "${{{STORAGE_ENV}:?export {STORAGE_ENV}={mask_url(url)} (with the real password) '
                         f'before sbatch}}"')
     else:
@@ -87,7 +88,17 @@ def slurm_script(spec: SweepSpec, sweep_file: str | Path, storage_url: str | Non
         f"exec {worker}",
         "",
     ]
-    return "\n".join(lines)
+    text = "\n".join(lines)
+    if secret and any(form in text for form in _secret_forms(secret)):
+        from ..errors import UsageError
+        raise UsageError(f"refusing to write the credentials of {mask_url(url)} into a Slurm script: export "
+                         f"{STORAGE_ENV}='<storage URL>' in the job's environment instead (sbatch passes it on)")
+    return text
+
+
+def _secret_forms(secret: str) -> set[str]:
+    from urllib.parse import quote, unquote
+    return {f for f in (secret, unquote(secret), quote(secret, safe="")) if f}
 
 
 def submit(script: Path, storage_url: str | None) -> str:

@@ -195,10 +195,29 @@ def _check_train(spec: SweepSpec) -> None:
     if spec.execution.pack != 1 and spec.mode != "grid":
         raise ConfigError("execution.pack", 'packing needs mode = "grid" (a search asks for one lr at a time)',
                           spec.source)
+    _check_times(spec)
     every, log_every = spec.execution.checkpoint_every, spec.train.get("log_every", RunConfig.log_every)
     if every and every % log_every:
         raise ConfigError("execution.checkpoint_every",
                           f"must be a multiple of train.log_every ({log_every}), got {every}", spec.source)
+
+
+MAX_SECONDS = 7 * 86400.0  # a week: longer periods are mistakes (and overflow timers and Optuna)
+
+
+def _check_times(spec: SweepSpec) -> None:
+    """Finite, bounded periods, and a lease renewed before it expires (else two workers train the
+    same point at once: the reaper presumes a live worker dead between its renewals)."""
+    ex = spec.execution
+    for key in ("heartbeat_s", "lease_s", "poll_s"):
+        value = getattr(ex, key)
+        if not (math.isfinite(value) and 0 < value <= MAX_SECONDS):
+            raise ConfigError(f"execution.{key}", f"must be a finite number of seconds in (0, {MAX_SECONDS:g}], "
+                              f"got {value!r}", spec.source)
+    if not ex.heartbeat_s < ex.lease_s:
+        raise ConfigError("execution.heartbeat_s", f"must be less than execution.lease_s: a lease is renewed every "
+                          f"heartbeat_s and presumed dead after lease_s; got heartbeat_s = {ex.heartbeat_s:g}, "
+                          f"lease_s = {ex.lease_s:g}", spec.source)
 
 
 def _check_mode(spec: SweepSpec) -> None:

@@ -57,35 +57,54 @@ def is_database_url(url: str) -> bool:
     return "://" in url
 
 
-def mask_url(url: str) -> str:
-    """The URL with its password replaced by ``***`` (safe to print or store)."""
+def _userinfo(url: str) -> tuple[str, str, str] | None:
+    """``(scheme, userinfo, rest)`` of a URL with credentials, by structure alone (no parser: a
+    URL that does not parse, or has an unencoded '@' in its password, still has them): the
+    userinfo is everything between '://' and the last '@'. None if there is no '@'."""
     if not is_database_url(url):
+        return None
+    scheme, _, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    return (scheme, userinfo, host) if at else None
+
+
+def mask_url(url: str) -> str:
+    """The URL with its credentials masked (safe to print or store):
+    ``postgresql://alice:***@db-host/db``; the user is kept, everything after it is not."""
+    parts = _userinfo(url)
+    if parts is None:
         return url
-    try:
-        from sqlalchemy.engine import make_url
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # unparsable: hide everything between '://' and '@'
-        scheme, _, rest = url.partition("://")
-        return f"{scheme}://***@{rest.rpartition('@')[2]}" if "@" in rest else url
+    scheme, userinfo, host = parts
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}://{user}:***@{host}" if colon else f"{scheme}://***@{host}"
 
 
 def url_password(url: str) -> str | None:
-    if not is_database_url(url):
+    """The secret part of the URL's userinfo (after the user's ':'; the whole userinfo when it has
+    no ':', e.g. a token), raw as written; None if there is none."""
+    parts = _userinfo(url)
+    if parts is None:
         return None
-    try:
-        from sqlalchemy.engine import make_url
-        return make_url(url).password or None
-    except Exception:
-        return None
+    user, colon, password = parts[1].partition(":")
+    return (password if colon else user) or None
 
 
 def redact(text: str, url: str | None) -> str:
-    """``text`` with the URL's password (raw and URL-encoded) replaced by ``***``."""
-    password = url_password(url) if url else None
+    """``text`` with the URL (as the masked URL) and its password (raw, URL-decoded and URL-encoded)
+    replaced by ``***``, and so are its pieces between URL delimiters. A password (piece) shorter than 4 characters is only masked inside the URL:
+    replacing it everywhere would garble ordinary words."""
+    if not url:
+        return text
+    text = text.replace(url, mask_url(url))
+    password = url_password(url)
     if not password:
         return text
-    from urllib.parse import quote, quote_plus
-    for form in sorted({password, quote(password, safe=""), quote_plus(password)}, key=len, reverse=True):
+    from urllib.parse import quote, quote_plus, unquote
+    import re
+    forms = {password, unquote(password), quote(password, safe=""), quote_plus(password)}
+    # a driver that splits the URL elsewhere (an unencoded '@' or ':') prints pieces of the password
+    forms |= {piece for form in list(forms) for piece in re.split(r"[@:/?#]", form)}
+    for form in sorted((f for f in forms if len(f) >= 4), key=len, reverse=True):
         text = text.replace(form, "***")
     return text
 
@@ -105,6 +124,220 @@ def _with_driver(url: str) -> str:
 
 def journal_path(url: str) -> Path:
     return Path(url.removeprefix("journal:"))
+
+
+def _warn(message: str) -> None:
+    """A warning on stderr (worker logs and the terminal), one line."""
+    import sys
+    print(f"stabench: warning: {message}", file=sys.stderr, flush=True)
+
+
+# -- the journal file: a lock that a dead holder cannot keep, appends that cannot tear ----------
+LOCK_GRACE_S = 30.0
+"""A journal lock held this long without change is presumed stale and released (an append holds
+it for one write and fsync); a lock whose holder is a dead process on this host is released at once."""
+_OWNER_TAG = "#stabench-owner="
+
+
+def _lock_owner() -> str:
+    return _OWNER_TAG + json.dumps([socket.gethostname(), _pid_namespace(), os.getpid()])
+
+
+def _dead_owner(link: str) -> str | None:
+    """``host:pid`` of the lock's holder if that process is gone from this host, else None."""
+    _, tag, owner = link.partition(_OWNER_TAG)
+    if not tag:
+        return None
+    try:
+        host, namespace, pid = json.loads(owner)
+    except (ValueError, TypeError):
+        return None
+    if host == socket.gethostname() and namespace == _pid_namespace() and not _pid_alive(int(pid)):
+        return f"{host}:{pid}"
+    return None
+
+
+def _journal_lock_class():
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    class JournalLock(JournalFileSymlinkLock):
+        """Optuna's symlink lock (compatible with plain Optuna processes on the same journal) that
+        is never stuck: Optuna's stale-lock release stats through the link, so a link with a relative
+        target (``results/x/journal.log``, resolved against the link's own directory) dangles and is
+        never released. This lock looks at the link itself (``lstat``), releases it when unchanged
+        for ``LOCK_GRACE_S``, and at once when its target names a holder that died on this host."""
+
+        def __init__(self, filepath: str, grace_period: float = LOCK_GRACE_S):
+            super().__init__(os.path.abspath(filepath), grace_period=None)
+            self.grace_period = grace_period
+
+        def acquire(self) -> bool:
+            target = self._lock_target_file + _lock_owner()
+            sleep_s, started = 0.001, time.monotonic()
+            last_warning, seen, seen_at = started, None, started
+            while True:
+                try:
+                    os.symlink(target, self._lock_file)
+                    return True
+                except FileExistsError:
+                    pass
+                try:
+                    st, link = os.lstat(self._lock_file), os.readlink(self._lock_file)
+                except OSError:  # released meanwhile
+                    continue
+                now = time.monotonic()
+                ident = (st.st_ino, st.st_mtime_ns, link)
+                if ident != seen:
+                    seen, seen_at = ident, now
+                dead = _dead_owner(link)
+                if dead or now - seen_at > self.grace_period:
+                    why = (f"its holder {dead} is no longer running" if dead
+                           else f"unchanged for {now - seen_at:.0f} s (a worker died holding it)")
+                    _warn(f"releasing the stale journal lock {self._lock_file}: {why}")
+                    stale = f"{self._lock_file}.{os.getpid()}.{time.monotonic_ns()}.stale"
+                    try:
+                        os.rename(self._lock_file, stale)
+                        os.unlink(stale)
+                    except OSError:
+                        pass
+                    seen, sleep_s = None, 0.001
+                    continue
+                if now - last_warning > 10.0:
+                    _warn(f"waiting {now - started:.0f} s for the journal lock {self._lock_file}")
+                    last_warning = now
+                time.sleep(sleep_s)
+                sleep_s = min(sleep_s * 2, 0.1)
+
+    return JournalLock
+
+
+def _line_start(f, end: int) -> int:
+    """Offset just after the last newline before ``end`` (0 if none)."""
+    pos, chunk = end, 1 << 16
+    while pos > 0:
+        start = max(0, pos - chunk)
+        f.seek(start)
+        i = f.read(pos - start).rfind(b"\n")
+        if i >= 0:
+            return start + i + 1
+        pos = start
+    return 0
+
+
+def _valid_record(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
+def repair_journal_tail(path: Path, quick: bool = False) -> bool:
+    """Set aside a torn last record (what a crash or a full disk leaves mid-append); call it
+    holding the journal lock. The record is complete when it parses and ends in a newline; the
+    bytes of an incomplete one go to ``<journal>.torn`` and the journal is truncated before it.
+    ``quick``: trust a last record that ends in a newline (before each append; the full check
+    runs when the journal is opened). Returns True if the journal was changed."""
+    try:
+        f = open(path, "r+b")
+    except FileNotFoundError:
+        return False
+    with f:
+        end = f.seek(0, os.SEEK_END)
+        if end == 0:
+            return False
+        f.seek(end - 1)
+        newline = f.read(1) == b"\n"
+        if newline and quick:
+            return False
+        start = _line_start(f, end - 1 if newline else end)
+        f.seek(start)
+        last = f.read(end - start)
+        if newline and _valid_record(last):
+            return False
+        if not newline and _valid_record(last):  # all but the newline was written: complete it
+            f.seek(end)
+            f.write(b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+            return True
+        side = path.with_name(path.name + ".torn")
+        try:
+            with open(side, "ab") as g:
+                g.write(last + (b"" if newline else b"\n"))
+                g.flush()
+                os.fsync(g.fileno())
+            kept = f"moved to {side}"
+        except OSError as e:
+            kept = f"not kept ({e.strerror} writing {side})"
+        f.truncate(start)
+        f.flush()
+        os.fsync(f.fileno())
+    _warn(f"journal {path}: its last record was incomplete (a worker died or the disk filled mid-write); "
+          f"removed it, {end - start} bytes {kept}")
+    return True
+
+
+def _torn_tail(path: Path) -> bool:
+    """Is the journal's last record incomplete (without taking the lock: a read-only command on a
+    full disk cannot create the lock file)?"""
+    try:
+        with open(path, "rb") as f:
+            end = f.seek(0, os.SEEK_END)
+            if end == 0:
+                return False
+            f.seek(end - 1)
+            newline = f.read(1) == b"\n"
+            start = _line_start(f, end - 1 if newline else end)
+            f.seek(start)
+            return not (newline and _valid_record(f.read(end - start)))
+    except FileNotFoundError:
+        return False
+
+
+def _bad_journal_line(path: Path) -> int | None:
+    """1-based number of the first line of the journal that is not a complete record."""
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.endswith(b"\n") or not _valid_record(line):
+                return n
+    return None
+
+
+def _journal_backend_class():
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.storages.journal._file import get_lock_file
+
+    class JournalBackend(JournalFileBackend):
+        """Optuna's journal file with appends that cannot leave a torn record: a failed write
+        (``ENOSPC``) is truncated away before the error is raised, and a torn record left by
+        a process killed mid-append is set aside (``repair_journal_tail``) before appending."""
+
+        def __init__(self, file_path: str):
+            file_path = os.path.abspath(file_path)
+            super().__init__(file_path, _journal_lock_class()(file_path))
+            if _torn_tail(Path(file_path)):  # checked again under the lock: a writer may be mid-append
+                with get_lock_file(self._lock):
+                    repair_journal_tail(Path(file_path))
+
+        def append_logs(self, logs: list[dict[str, Any]]) -> None:
+            data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode()
+            with get_lock_file(self._lock):
+                repair_journal_tail(Path(self._file_path), quick=True)
+                fd = os.open(self._file_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                try:
+                    size = os.fstat(fd).st_size
+                    try:
+                        view = memoryview(data)
+                        while view:
+                            view = view[os.write(fd, view):]
+                    except BaseException:
+                        os.ftruncate(fd, size)  # nothing half-written stays behind
+                        raise
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
+    return JournalBackend
 
 
 # -- leases (journal storage) ----------------------------------------------------------------
@@ -232,10 +465,11 @@ class Holder:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
-        self._release()
+        if exc_type is None:  # a worker leaving by an exception (a full disk) keeps its lease: the
+            self._release()   # trial is retried as soon as the process is gone, not after lease_s
 
     def _loop(self) -> None:
         while not self._stop.wait(self._period):
@@ -260,10 +494,19 @@ class JournalSweepStorage(SweepStorage):
 
     def _open(self) -> optuna.storages.BaseStorage:
         from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(self.path)))
+        backend = _journal_backend_class()(str(self.path))
+        try:
+            return JournalStorage(backend)
+        except ValueError:  # json.JSONDecodeError, or Optuna's "Invalid log format."
+            line = _bad_journal_line(self.path)
+            if line is None:
+                raise
+        from ..errors import UsageError
+        path = self.path.resolve()
+        raise UsageError(f"journal {path} line {line} is not a valid record (the file was damaged); keep a copy "
+                         f"and delete that line: cp {path} {path}.bak && sed -i '{line}d' {path}") from None
 
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[None]:

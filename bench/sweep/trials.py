@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import pyarrow.parquet as pq
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
@@ -69,23 +68,15 @@ class Progress:
 
 
 def recorded_keys(out: Path) -> set[str]:
-    """Run ids in OUT/runs.parquet and in per-run part files (written before the merge)."""
-    keys = {p.stem for p in (out / "parts" / "runs").glob("*.parquet")}
-    merged = out / "runs.parquet"
-    if merged.exists():
-        keys |= set(pq.read_table(merged, columns=["run_id"]).column("run_id").to_pylist())
-    return keys
+    """Run ids in OUT/runs.parquet and in per-run part files (written before the merge); a damaged
+    merged file is set aside (it is rebuilt from the parts), not an error."""
+    from .. import records
+    return records.recorded_ids(out)
 
 
 def _recorded_run(out: Path, key: str) -> dict[str, Any] | None:
-    part = out / "parts" / "runs" / f"{key}.parquet"
-    if part.exists():
-        return pq.read_table(part).to_pylist()[0]
-    merged = out / "runs.parquet"
-    if merged.exists():
-        rows = pq.read_table(merged, filters=[("run_id", "=", key)]).to_pylist()
-        return rows[0] if rows else None
-    return None
+    from .. import records
+    return records.recorded_run(out, key)
 
 
 def _jsonable(x: Any) -> Any:
@@ -172,6 +163,8 @@ class TrialQueue:
 
     def __init__(self, spec: SweepSpec, storage: SweepStorage, out: Path):
         self.spec, self.storage, self.out = spec, storage, Path(out)
+        from .. import records
+        records.ensure_merged(self.out)  # derived files: rebuilt if deleted, damaged or behind the parts
         self._check_protocol()
         self.studies = {name: storage.study(name) for name in study_names(spec)}
         self.points = expand(spec) if spec.mode == "grid" else []
