@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -78,6 +79,22 @@ class DivergenceConfig:
     spike_window: int = run_field(128, key="always")
     spike_min_jump: float = run_field(1.0, key="always")
     stop_on_spike: bool = run_field(True, key="always")
+
+    MIN_SPIKE_WINDOW: ClassVar[int] = 8  # the spike test needs this many previous steps
+
+    def check(self, source: str | None = None) -> "DivergenceConfig":
+        """Raise ConfigError (key ``divergence.<field>``) for values the monitor cannot use."""
+        _check_finite(self, "divergence.", source)
+        for k in ("loss_margin", "spike_sigma"):
+            if not getattr(self, k) > 0:
+                raise ConfigError(f"divergence.{k}", f"must be a finite number > 0, got {getattr(self, k)!r}", source)
+        if not self.spike_min_jump >= 0:
+            raise ConfigError("divergence.spike_min_jump", f"must be a finite number >= 0, got {self.spike_min_jump!r}",
+                              source)
+        if self.spike_window < self.MIN_SPIKE_WINDOW:
+            raise ConfigError("divergence.spike_window", f"must be an integer >= {self.MIN_SPIKE_WINDOW} (steps the "
+                              f"spike test averages over), got {self.spike_window!r}", source)
+        return self
 
 
 @dataclass(frozen=True)
@@ -162,26 +179,41 @@ class RunConfig:
         return from_dict({**self.to_dict(), **changes})
 
     # -- semantic checks beyond types -------------------------------------------
-    def check(self, source: str | None = None) -> "RunConfig":
-        """Raise ConfigError for values that are well-typed but unusable; returns self."""
+    MAX_VOCAB: ClassVar[int] = 1 << 32  # token ids are stored as uint32
+    MAX_SEED: ClassVar[int] = (1 << 63) - 1  # torch.manual_seed and numpy's default_rng both take it
+
+    def check(self, source: str | None = None, machine: bool = True) -> "RunConfig":
+        """Raise ConfigError for values that are well-typed but unusable; returns self.
+
+        Everything a run would otherwise find out later is checked here, once, before training:
+        ranges of every field (all floats finite), the stabilizer (built, and a plug-in's hooks run
+        once on small tensors: ``bench.stabilizers.preflight``), the data (every file's header,
+        size and token-id range: ``bench.data.check_data_spec``) and, with ``machine``, that this
+        machine can run it (the device exists; one step fits in memory: ``bench.memory``).
+        ``machine=False`` skips the last two (a launcher validating a sweep for other machines).
+        """
         from .data import DataError, check_data_spec
         from .stabilizers import StabilizerError, make_stabilizer
+        from .stabilizers.preflight import preflight
 
         def fail(key: str, msg: str) -> None:
             raise ConfigError(key, msg, source)
 
         if self.model not in PRESETS:
             fail("model", f"unknown preset {self.model!r}; allowed: {', '.join(PRESETS)}")
-        try:
-            make_stabilizer(self.stabilizer, **self.hparams)
-        except StabilizerError as e:
-            fail("stabilizer", str(e))
+        _check_finite(self, "", source)
         positive = {"lr": self.lr, "steps": self.steps, "batch_size": self.batch_size,
                     "seq_len": self.seq_len, "vocab_size": self.vocab_size, "eval_every": self.eval_every,
                     "eval_batches": self.eval_batches, "log_every": self.log_every}
         for k, v in positive.items():
             if not (v > 0 and math.isfinite(v)):
                 fail(k, f"must be > 0, got {v!r}")
+        if not 2 <= self.vocab_size <= self.MAX_VOCAB:
+            fail("vocab_size", f"must be in [2, 2**32] (tokens are uint32), got {self.vocab_size!r}")
+        for k in ("seed", "data_seed"):
+            v = getattr(self, k)
+            if v is not None and not 0 <= v <= self.MAX_SEED:
+                fail(k, f"must be an integer in [0, 2**63 - 1], got {v!r}")
         for k in ("min_lr", "warmup", "weight_decay", "grad_clip", "eps"):
             if not getattr(self, k) >= 0:
                 fail(k, f"must be >= 0, got {getattr(self, k)!r}")
@@ -197,14 +229,40 @@ class RunConfig:
             fail("threads", f"must be >= 1, got {self.threads}")
         if self.model_config().n_embd % self.model_config().n_head:
             fail("model", "width not divisible by heads")
+        self.divergence.check(source)
+        if machine:
+            from .memory import check_memory, device_available
+            if not device_available(self.device):
+                fail("device", f"{self.device!r} is not available on this machine; allowed here: auto, cpu")
+            check_memory(self, source)
         try:
-            check_data_spec(self.data)
+            stab = make_stabilizer(self.stabilizer, **self.hparams)
+            preflight(self.stabilizer, stab, self.model_config())
+        except StabilizerError as e:
+            fail("stabilizer", str(e))
+        try:
+            check_data_spec(self.data, vocab_size=self.vocab_size, seq_len=self.seq_len)
         except DataError as e:
             fail("data", str(e))
         from .tracking import check_tracker
         if (why := check_tracker(self.log)) is not None:
             fail("log", why)
         return self
+
+
+def _float_fields(cls: type) -> tuple[str, ...]:
+    """Names of the fields of dataclass ``cls`` annotated ``float`` (or ``float | None``)."""
+    hints = typing.get_type_hints(cls)
+    return tuple(f.name for f in dataclasses.fields(cls)
+                 if hints[f.name] is float or hints[f.name] == float | None)
+
+
+def _check_finite(obj: Any, prefix: str, source: str | None) -> None:
+    """Every float field of dataclass ``obj`` is finite (no inf, no NaN), else ConfigError."""
+    for name in _float_fields(type(obj)):
+        v = getattr(obj, name)
+        if v is not None and not math.isfinite(v):
+            raise ConfigError(prefix + name, f"must be a finite number, got {v!r}", source)
 
 
 def fields_with(role: Role | None = None, flag: str | None = None,
@@ -273,20 +331,43 @@ def protocol_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 _ADAPTER = TypeAdapter(RunConfig)
 
 
+def _strict_model(cls: type) -> type[pydantic.BaseModel]:
+    """A pydantic model with the fields and types of dataclass ``cls`` (nested ones alike), in
+    strict mode: ``"12"`` is no integer, ``true`` no number, ``"yes"`` no boolean (an integer is
+    still a valid float). It only checks types; the dataclass itself is built by ``_ADAPTER``.
+    (Pydantic's strict mode on the dataclass would refuse a dict for it.)"""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: (_strict_model(hints[f.name]) if dataclasses.is_dataclass(hints[f.name]) else hints[f.name],
+                       None) for f in dataclasses.fields(cls)}
+    return pydantic.create_model(f"{cls.__name__}Types", __config__=ConfigDict(extra="forbid", strict=True),
+                                 **fields)
+
+
+_STRICT = _strict_model(RunConfig)
+
+
 def _format_pydantic(err: pydantic.ValidationError, source: str | None) -> ConfigError:
     e = err.errors()[0]
-    key = ".".join(str(p) for p in e["loc"]) or "(root)"
+    loc = [p for p in e["loc"] if not (isinstance(p, str) and p in ("int", "float", "none"))]  # union members
+    key = ".".join(str(p) for p in loc) or "(root)"
     msg = e["msg"]
     if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
-        cls = DivergenceConfig if e["loc"][0] == "divergence" else RunConfig
+        cls = DivergenceConfig if loc[0] == "divergence" else RunConfig
         allowed = [f.name for f in dataclasses.fields(cls)]
         msg = f"unknown key; allowed: {', '.join(allowed)}"
+    elif "input" in e and not isinstance(e["input"], dict):
+        value = e["input"]
+        msg = f"{msg}, got {value!r} ({type(value).__name__}); values are not converted"
     return ConfigError(key, msg, source)
 
 
 def from_dict(d: dict[str, Any], source: str | None = None) -> RunConfig:
-    """Validate a plain dict (from TOML or CLI) into a RunConfig; raises ConfigError."""
+    """Validate a plain dict (from TOML or CLI) into a RunConfig; raises ConfigError.
+
+    Types are strict: a string is not read as a number nor a number as a boolean (an integer
+    is accepted for a float field). Values are checked by ``RunConfig.check``."""
     try:
+        _STRICT.model_validate(d)
         cfg = _ADAPTER.validate_python(d, strict=False)
     except pydantic.ValidationError as err:
         raise _format_pydantic(err, source) from None
@@ -294,12 +375,25 @@ def from_dict(d: dict[str, Any], source: str | None = None) -> RunConfig:
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML file as data (never executed); errors name the file."""
+    """Read a TOML file as data (never executed); errors name the file.
+
+    Only a regular file is read (a FIFO or a device would block or never end), and it must be
+    UTF-8 text, as TOML requires."""
     path = Path(path)
+    if not path.exists():
+        raise ConfigError("(file)", "file not found", str(path))
+    if not path.is_file():
+        raise ConfigError("(file)", "not a regular file (a directory, FIFO or device); give a .toml file",
+                          str(path))
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError("(file)", "file not found", str(path)) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError("(file)", f"not a UTF-8 text file (byte {e.start}: {e.reason}); TOML files are "
+                          "UTF-8 text", str(path)) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("(syntax)", f"not valid TOML: {e}", str(path)) from None
+    except OSError as e:
+        raise ConfigError("(file)", f"cannot be read: {e.strerror or e}", str(path)) from None

@@ -24,7 +24,7 @@ from .config import RunConfig
 from .model import GPT
 from .precision import param_dtype, precision_context, resolve_precision
 from .stabilizers import LossInputs, Stabilizer, make_stabilizer
-from .stabilizers.apply import apply_after_step as apply_hook, hooked_cross_entropy
+from .stabilizers.apply import apply_after_step as apply_hook, hooked_cross_entropy, label
 
 
 def resolve_device(cfg: RunConfig) -> torch.device:
@@ -76,7 +76,7 @@ def stabilized_loss(model: GPT, stab: Stabilizer, x: torch.Tensor, y: torch.Tens
     term = (lambda lt, lse, h, E: stab.loss_term(LossInputs(lt, lse, h, E))) if cls.has_hook("loss_term") else None
     ce_tok, lse, reg, logits = hooked_cross_entropy(
         logits, y, hidden, model.output_embedding,
-        stab.transform_logits if cls.has_hook("transform_logits") else None, term)
+        stab.transform_logits if cls.has_hook("transform_logits") else None, term, label(cls))
     ce = ce_tok.mean()
     if reg is None:
         reg = torch.zeros((), device=ce.device)
@@ -87,7 +87,7 @@ def apply_after_step(model: GPT, stab: Stabilizer) -> None:
     """``stab.after_step`` applied to ``model``'s parameters in place."""
     params = dict(model.named_parameters())
     e_name = next(n for n, p in params.items() if p is model.output_embedding)
-    apply_hook(stab.after_step, params, e_name)
+    apply_hook(stab.after_step, params, e_name, label(type(stab)))
 
 
 class SingleModule:

@@ -31,38 +31,79 @@ def _parse_options(spec: str) -> dict[str, str]:
     return opts
 
 
-def check_data_spec(spec: str) -> None:
-    """Raise DataError for a spec that cannot load (cheap: checks paths, not contents)."""
+SYNTHETIC_DEFAULTS = {"tokens": 2_000_000, "zipf": 1.1, "branching": 8, "seed": 0}
+VAL_FRACTION = 0.1  # of a synthetic or text stream (``split_stream``)
+
+
+def synthetic_options(rest: str) -> dict[str, int | float]:
+    """The options of ``synthetic:rest``, validated: tokens (an integer >= 1; ``1e6`` is allowed),
+    zipf (a finite number > 0), branching (an integer >= 1), seed (an integer >= 0)."""
+    import math
+
+    opts = _parse_options(rest)
+    unknown = sorted(set(opts) - set(SYNTHETIC_DEFAULTS))
+    if unknown:
+        raise DataError(f"unknown synthetic option(s) {unknown}; allowed: {sorted(SYNTHETIC_DEFAULTS)}")
+    out: dict[str, int | float] = dict(SYNTHETIC_DEFAULTS)
+    rules = {"tokens": ("an integer >= 1", 1), "branching": ("an integer >= 1", 1), "seed": ("an integer >= 0", 0)}
+    for k, v in opts.items():
+        try:
+            x = float(v)
+        except ValueError:
+            x = math.nan
+        if k == "zipf":
+            if not (math.isfinite(x) and x > 0):
+                raise DataError(f"synthetic option zipf={v!r}: must be a finite number > 0")
+            out[k] = x
+            continue
+        allowed, low = rules[k]
+        if not (math.isfinite(x) and x == int(x) and x >= low and (k != "seed" or x < 2**63)):
+            raise DataError(f"synthetic option {k}={v!r}: must be {allowed}")
+        out[k] = int(x)
+    return out
+
+
+def check_data_spec(spec: str, vocab_size: int | None = None, seq_len: int | None = None) -> None:
+    """Raise DataError for a spec that cannot load, before anything runs.
+
+    synthetic: its options (``synthetic_options``) and, given ``seq_len``, enough tokens for a
+    validation window. text: regular files of UTF-8 text (``text.check_text``). bin: every
+    shard's header and size, and given ``vocab_size`` every token id (``shards.check_shards``).
+    Checked files are remembered by size and mtime, so a sweep pays for a scan once."""
     from pathlib import Path
+
+    from .shards import check_shards
+    from .text import check_text
 
     kind, _, rest = spec.partition(":")
     if kind == "synthetic":
-        _parse_options(rest)
+        n = synthetic_options(rest)["tokens"]
+        n_val = max(int(n * VAL_FRACTION), 1)
+        if seq_len is not None and min(n_val, n - n_val) < seq_len + 2:
+            raise DataError(f"synthetic option tokens={n}: too few for seq_len {seq_len} (the {VAL_FRACTION:.0%} "
+                            f"validation split needs >= seq_len + 2 = {seq_len + 2} tokens: tokens >= "
+                            f"{int((seq_len + 2) / VAL_FRACTION) + 10})")
     elif kind in ("text", "bin"):
         if not rest:
             raise DataError(f"data {spec!r} needs a path: {kind}:PATH")
         if not Path(rest).exists():
             raise DataError(f"data path not found: {rest}")
+        if kind == "text":
+            check_text(rest)
+        elif vocab_size is not None:
+            check_shards(rest, vocab_size, seq_len)
     else:
         raise DataError(f"unknown data source {spec!r}; allowed: synthetic, text:PATH, bin:PATH")
 
 
 def load_data(spec: str, vocab_size: int) -> TokenData:
     """Load the token data named by ``spec`` for a model with ``vocab_size`` tokens."""
-    check_data_spec(spec)
+    check_data_spec(spec, vocab_size=vocab_size)
     kind, _, rest = spec.partition(":")
     if kind == "synthetic":
-        opts = _parse_options(rest)
-        allowed = {"tokens", "zipf", "branching", "seed"}
-        if set(opts) - allowed:
-            raise DataError(f"unknown synthetic option(s) {sorted(set(opts) - allowed)}; allowed: {sorted(allowed)}")
-        return synthetic_data(
-            vocab_size,
-            n_tokens=int(float(opts.get("tokens", 2_000_000))),
-            zipf=float(opts.get("zipf", 1.1)),
-            branching=int(opts.get("branching", 8)),
-            seed=int(opts.get("seed", 0)),
-        )
+        opts = synthetic_options(rest)
+        return synthetic_data(vocab_size, n_tokens=opts["tokens"], zipf=opts["zipf"],
+                              branching=opts["branching"], seed=opts["seed"])
     if kind == "text":
         return text_data(rest, vocab_size)
     return bin_data(rest, vocab_size)

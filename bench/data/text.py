@@ -27,6 +27,49 @@ def _text_files(path: Path) -> list[Path]:
     return files
 
 
+_CHECKED: dict[tuple, None] = {}
+
+
+def check_text(path: str) -> None:
+    """Check that ``text:path`` is a regular file, or a directory of them, of non-empty UTF-8 text
+    (no NUL bytes: a binary file is refused, not tokenized). Reads each file once, in chunks; the
+    result is remembered per (files, sizes, mtimes)."""
+    import codecs
+
+    root = Path(path)
+    if not (root.is_dir() or root.is_file()):
+        raise DataError(f"text:{path}: not a regular file or directory (a FIFO or device would block)")
+    files = _text_files(root)
+    key = tuple((str(f), *((st := f.stat()).st_size, st.st_mtime_ns)) for f in files)
+    if key in _CHECKED:
+        return
+    total = 0
+    for f in files:
+        if not f.is_file():
+            raise DataError(f"text:{path}: {f} is not a regular file")
+        decoder, offset = codecs.getincrementaldecoder("utf-8")("strict"), 0
+        with open(f, "rb") as stream:
+            while chunk := stream.read(1 << 20):
+                nul = chunk.find(b"\0")
+                if nul >= 0:
+                    raise DataError(f"text:{path}: {f} is binary (a NUL byte at offset {offset + nul}); "
+                                    "text: needs UTF-8 text, bin: takes token shards")
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as e:
+                    raise DataError(f"text:{path}: {f} is not UTF-8 text (byte {offset + e.start}: {e.reason})") \
+                        from None
+                offset += len(chunk)
+            try:
+                decoder.decode(b"", final=True)
+            except UnicodeDecodeError as e:
+                raise DataError(f"text:{path}: {f} is not UTF-8 text (it ends inside a character)") from None
+        total += offset
+    if total == 0:
+        raise DataError(f"text:{path}: no text (0 bytes)")
+    _CHECKED[key] = None
+
+
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     write(tmp)
@@ -36,6 +79,7 @@ def _atomic_write(path: Path, write) -> None:
 def text_data(path: str, vocab_size: int) -> TokenData:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    check_text(path)
     files = _text_files(Path(path))
     digest = hashlib.sha256()
     for f in files:

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import PackError
 from ..stabilizers import LossInputs, Stabilizer, make_stabilizer
-from ..stabilizers.apply import apply_after_step as apply_hook, hooked_cross_entropy
+from ..stabilizers.apply import apply_after_step as apply_hook, hooked_cross_entropy, label
 
 __all__ = ["PackError", "PackedStabilizer"]
 
@@ -87,7 +87,7 @@ class PackedStabilizer:
             vmapped_term = torch.vmap(one)
             term = self._checked("loss_term", lambda lt, lse, h, E: vmapped_term(lt, lse, h, E, varying))
         ce_tok, lse, reg, lt = hooked_cross_entropy(logits, y.expand(n, *y.shape), hidden, output_embedding,
-                                                    transform, term)
+                                                    transform, term, label(self.cls))
         ce = ce_tok.mean(dim=tuple(range(1, ce_tok.dim())))
         if reg is None:
             reg = torch.zeros(n, device=ce.device)
@@ -106,4 +106,4 @@ class PackedStabilizer:
             return
         vmapped = torch.vmap(lambda ps, v: self._member(v).after_step(ps))
         apply_hook(self._checked("after_step", lambda named: vmapped(named, self.tensors)), params,
-                   output_embedding_name)
+                   output_embedding_name, label(self.cls))

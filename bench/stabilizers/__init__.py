@@ -37,21 +37,35 @@ def _entry_points() -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
+def _import_error(module: str, e: BaseException) -> StabilizerError:
+    """One line for a plug-in module that fails to import (missing dependency, syntax error, an
+    exception in its top-level code)."""
+    where = ""
+    if isinstance(e, SyntaxError):
+        where = f" ({e.filename}, line {e.lineno})"
+    return StabilizerError(f"cannot import stabilizer module {module!r}: {type(e).__name__}: "
+                           f"{getattr(e, 'msg', None) if isinstance(e, SyntaxError) else e}{where}")
+
+
 def _import_module(module: str):
     if module.endswith(".py"):
         path = Path(module)
         if not path.is_file():
             raise StabilizerError(f"stabilizer module file not found: {module}")
         name = f"stabench_user_{path.stem}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
+        try:
+            spec = importlib.util.spec_from_file_location(name, path)
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[name] = mod
+            spec.loader.exec_module(mod)
+        except Exception as e:
+            sys.modules.pop(name, None)
+            raise _import_error(module, e) from e
         return mod
     try:
         return importlib.import_module(module)
-    except ImportError as e:
-        raise StabilizerError(f"cannot import stabilizer module {module!r}: {e}") from e
+    except Exception as e:
+        raise _import_error(module, e) from e
 
 
 def load_stabilizer_class(spec: str) -> type[Stabilizer]:
@@ -70,7 +84,10 @@ def load_stabilizer_class(spec: str) -> type[Stabilizer]:
             raise StabilizerError(
                 f"unknown stabilizer {spec!r}; allowed: {', '.join(allowed)}, "
                 "or 'module:Class' for a third-party stabilizer")
-        cls = eps[spec].load()
+        try:
+            cls = eps[spec].load()
+        except Exception as e:
+            raise _import_error(eps[spec].value, e) from e
     if not (isinstance(cls, type) and issubclass(cls, Stabilizer)):
         raise StabilizerError(f"{spec!r} is not a subclass of bench.stabilizers.Stabilizer")
     return cls
@@ -79,8 +96,12 @@ def load_stabilizer_class(spec: str) -> type[Stabilizer]:
 def make_stabilizer(spec: str, **hparams: Any) -> Stabilizer:
     """Instantiate a stabilizer; hyperparameters it does not have are an error.
 
-    ``None`` values are dropped, so callers can pass ``lam=None`` for "default".
+    ``None`` values are dropped, so callers can pass ``lam=None`` for "default". Every
+    hyperparameter of the instance must be a finite number (they are recorded as floats and
+    swept as numbers); an exception in the class's constructor is reported naming it.
     """
+    import math
+
     cls = load_stabilizer_class(spec)
     hparams = {k: v for k, v in hparams.items() if v is not None}
     allowed = cls.hyperparameter_names()
@@ -90,6 +111,14 @@ def make_stabilizer(spec: str, **hparams: Any) -> Stabilizer:
             f"stabilizer {spec!r} has no hyperparameter {', '.join(unknown)}; "
             f"allowed: {', '.join(allowed) or '(none)'}")
     try:
-        return cls(**hparams)
+        stab = cls(**hparams)
     except (TypeError, ValueError) as e:
         raise StabilizerError(str(e)) from e
+    except Exception as e:
+        raise StabilizerError(f"stabilizer {spec!r}: {cls.__name__}(...) raised {type(e).__name__}: {e}") from e
+    for name, value in stab.hyperparameters().items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise StabilizerError(
+                f"stabilizer {spec!r}: hyperparameter {name} = {value!r} ({type(value).__name__}) is not allowed; "
+                "hyperparameters must be finite numbers (declare them as float fields)")
+    return stab

@@ -9,10 +9,11 @@ nothing. Order per step (see ``bench.stabilizers.base``)::
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
+from ..errors import StabilizerError
 from ..losses import cross_entropy_lse
 from .base import OUTPUT_EMBEDDING
 
@@ -21,28 +22,92 @@ LossTerm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], to
 AfterStep = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
+def label(cls: type) -> str:
+    """How errors name a stabilizer class: ``module:Class``."""
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _fault(stabilizer: str, hook: str, message: str) -> StabilizerError:
+    return StabilizerError(f"stabilizer {stabilizer!r}: {hook} {message}")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')} tensor"
+    return f"{type(value).__name__} {value!r}"[:120]
+
+
+def _versions(tensors) -> list[int]:
+    """Version counters of ``tensors`` (bumped by every in-place edit; reading them never syncs)."""
+    return [t._version for t in tensors]
+
+
+def _check_unedited(stabilizer: str, hook: str, names: list[str], tensors: list[torch.Tensor],
+                    before: list[int]) -> None:
+    edited = [n for n, t, v in zip(names, tensors, before) if t._version != v]
+    if edited:
+        raise _fault(stabilizer, hook, f"edited its input(s) {', '.join(edited)} in place; hooks must return new "
+                     "tensors (e.g. x = x * 2, not x.mul_(2) or x[...] = ...)")
+
+
+def check_tensor(stabilizer: str, hook: str, what: str, value: Any, shape: tuple[int, ...]) -> None:
+    """A hook's result must be a floating-point tensor of ``shape`` (structure only: no host sync)."""
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point() or tuple(value.shape) != tuple(shape):
+        raise _fault(stabilizer, hook, f"must return {what}: a floating-point tensor of shape {tuple(shape)}, "
+                     f"got {_describe(value)}")
+
+
 def hooked_cross_entropy(logits: torch.Tensor, y: torch.Tensor, hidden: torch.Tensor, output_embedding: torch.Tensor,
-                         transform: Transform | None, loss_term: LossTerm | None
+                         transform: Transform | None, loss_term: LossTerm | None, stabilizer: str = "stabilizer"
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Per-token cross-entropy, log Z, the loss term (None without one) and the transformed logits.
 
     logits (..., T, V) in the compute dtype (raised to at least float32 here); y (..., T) int64
     targets of the same leading shape; hidden (..., T, H); output_embedding (..., V, H).
     ``loss_term(logits, lse, hidden, E)`` receives the transformed logits and the shared log Z.
+    What the hooks return is checked structurally (shape, dtype; inputs not edited in place), in
+    Python without a host sync; ``stabilizer`` names the plug-in in the StabilizerError.
     """
     lt = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if transform is not None:
-        lt = transform(lt)
-    ce_tok, lse = cross_entropy_lse(lt, y)
-    reg = loss_term(lt, lse, hidden, output_embedding) if loss_term is not None else None
-    return ce_tok, lse, reg, lt
+        before = lt._version
+        out = transform(lt)
+        _check_unedited(stabilizer, "transform_logits", ["logits"], [lt], [before])
+        check_tensor(stabilizer, "transform_logits", "logits", out, lt.shape)
+        if out.dtype != lt.dtype:
+            raise _fault(stabilizer, "transform_logits", f"must return {lt.dtype} logits (as given), got {out.dtype}")
+        lt = out
+    ce_tok, lse, reg, logits_out = *cross_entropy_lse(lt, y), None, lt
+    if loss_term is not None:
+        inputs = [lt, lse, hidden, output_embedding]
+        before = _versions(inputs)
+        reg = loss_term(lt, lse, hidden, output_embedding)
+        _check_unedited(stabilizer, "loss_term", ["logits", "lse", "hidden", "output_embedding"], inputs, before)
+        if reg is not None:
+            check_tensor(stabilizer, "loss_term", "a scalar loss", reg, lt.shape[:-3])
+    return ce_tok, lse, reg, logits_out
 
 
 @torch.no_grad()
-def apply_after_step(after_step: AfterStep, params: dict[str, torch.Tensor], output_embedding_name: str) -> None:
+def apply_after_step(after_step: AfterStep, params: dict[str, torch.Tensor], output_embedding_name: str,
+                     stabilizer: str = "stabilizer") -> None:
     """Run ``after_step`` on detached ``params`` (plus E as ``OUTPUT_EMBEDDING``) and copy what it
-    returns into those parameters, in place."""
+    returns into those parameters, in place. The result must map known names to floating tensors
+    of the parameters' shapes, and the hook must not edit ``params`` itself (checked without a
+    host sync); else StabilizerError naming ``stabilizer``."""
     named = {n: p.detach() for n, p in params.items()}
     named[OUTPUT_EMBEDDING] = named[output_embedding_name]
-    for name, value in after_step(named).items():
+    names, tensors = list(named), list(named.values())
+    before = _versions(tensors)
+    new = after_step(named)
+    _check_unedited(stabilizer, "after_step", names, tensors, before)
+    if not isinstance(new, dict):
+        raise _fault(stabilizer, "after_step", f"must return a dict {{parameter name: tensor}}, got {_describe(new)}")
+    unknown = [n for n in new if n not in named]
+    if unknown:
+        raise _fault(stabilizer, "after_step", f"returned unknown parameter name(s) {', '.join(map(repr, unknown[:3]))}; "
+                     f"allowed: {OUTPUT_EMBEDDING!r} or a name of model.named_parameters()")
+    for name, value in new.items():
+        check_tensor(stabilizer, "after_step", f"the new value of {name!r}", value, named[name].shape)
+    for name, value in new.items():
         named[output_embedding_name if name == OUTPUT_EMBEDDING else name].copy_(value)

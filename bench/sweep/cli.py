@@ -107,19 +107,21 @@ def _main(name: str, args: argparse.Namespace) -> int:
         from .status import locate, render
         print(render(locate(args.target, args.storage, args.out), full_errors=args.full).rstrip("\n"))
         return 0
-    spec = load_spec(args.sweep if name in ("worker", "launch") else args.file)  # validated before anything runs
+    # validated before anything runs (every trial; launch: not against this machine, the workers check that)
+    spec = load_spec(args.sweep if name in ("worker", "launch") else args.file, check_machine=name != "launch")
     if name == "sweep":
         from .local import run_local
         _positive("--workers", args.workers)
-        record_sweep_file(args.file, spec, _out(spec, args.out))
-        p = run_local(spec, args.storage, _out(spec, args.out), args.workers)
+        out = _out(spec, args.out)  # the sweep file is recorded once the storage is open and the grid queued
+        p = run_local(spec, args.storage, out, args.workers, on_ready=lambda: record_sweep_file(args.file, spec, out))
         return 1 if p.failed else 0
     if name == "worker":
         from .worker import run_worker
         _positive("--threads", args.threads)
-        record_sweep_file(args.sweep, spec, _out(spec, args.out))
-        report = run_worker(spec, args.storage, _out(spec, args.out), threads=args.threads, enqueue=args.enqueue,
-                            wait=args.wait, max_trials=args.max_trials)
+        out = _out(spec, args.out)
+        report = run_worker(spec, args.storage, out, threads=args.threads, enqueue=args.enqueue,
+                            wait=args.wait, max_trials=args.max_trials,
+                            on_ready=lambda: record_sweep_file(args.sweep, spec, out))
         return 1 if report.failed else 0
     if name == "launch":
         from .slurm import SlurmOptions, slurm_script, submit

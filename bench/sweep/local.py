@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from .spec import SweepSpec
 from .storage import open_storage
@@ -119,8 +120,12 @@ def _monitor(queue: TrialQueue, display: _Display, stop: threading.Event) -> Non
             pass
 
 
-def run_local(spec: SweepSpec, url: str | None, out: Path, workers: int | None = None) -> Progress:
-    """Run the sweep here until every trial is finished; returns the final counts."""
+def run_local(spec: SweepSpec, url: str | None, out: Path, workers: int | None = None,
+              on_ready: Callable[[], None] | None = None) -> Progress:
+    """Run the sweep here until every trial is finished; returns the final counts.
+
+    ``on_ready`` is called once the storage is open and the trials are queued (the CLI records
+    the sweep file then, so an error before that leaves the results directory as it was)."""
     from joblib import Parallel, delayed
     from joblib.externals.loky.process_executor import TerminatedWorkerError
 
@@ -130,6 +135,8 @@ def run_local(spec: SweepSpec, url: str | None, out: Path, workers: int | None =
     for message in queue.reap():
         print(message, file=sys.stderr)
     added = queue.enqueue(retry_failed=True)
+    if on_ready is not None:
+        on_ready()
     p = queue.progress()
     workers = max(1, min(workers or default_workers(spec), p.queued + p.running))  # no idle processes
     threads = threads_per_worker(spec, workers)

@@ -39,6 +39,9 @@ A sweep file names a study, the training settings its runs share, and the grids:
     lr_max = 1.0
 
 Every error is a ``ConfigError`` naming the file, the key (``grid.lr[2]``) and what is allowed.
+Every trial is checked before anything runs (``RunConfig.check`` on each variant, each lr value
+on its own), and a sweep is at most ``MAX_TRIALS`` trials (counted from the axis lengths before
+anything is expanded); ``name`` is at most ``MAX_NAME`` characters.
 """
 from __future__ import annotations
 
@@ -60,6 +63,8 @@ from ..model import PRESETS
 AXES: dict[str, str] = {f.name: f.metadata["axis"] for f in fields_with(flag="axis")}
 TRAIN_KEYS = [f.name for f in dataclasses.fields(RunConfig) if f.name not in AXES]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+MAX_NAME = 100  # characters of a sweep name (a directory and an Optuna study name)
+MAX_TRIALS = 100_000  # trials of one sweep (grid points, or variants × search.trials)
 
 
 class _Strict(BaseModel):
@@ -100,7 +105,7 @@ class SearchSpec(_Strict):
 class SweepSpec(_Strict):
     """A validated sweep file. ``source`` is the file it came from (for messages)."""
 
-    name: str = Field(pattern=NAME_PATTERN)
+    name: str = Field(pattern=NAME_PATTERN, max_length=MAX_NAME)
     description: str = ""
     mode: Literal["grid", "search"] = "grid"
     train: dict[str, Any] = {}
@@ -152,6 +157,8 @@ def _pydantic_error(err: pydantic.ValidationError, source: str) -> ConfigError:
         msg = f"must not be empty: name at least one stabilizer ({', '.join(sorted(BUILTIN))} or 'module:Class')"
     elif kind == "too_short":
         msg = "must not be empty; give at least one value"
+    elif kind == "string_too_long":
+        msg = f"must be at most {e['ctx']['max_length']} characters, got {len(e['input'])}"
     elif kind == "string_pattern_mismatch":
         msg = f"{e['input']!r} is not allowed; use letters, digits, '_', '-', '.'"
     elif "input" in e and not isinstance(e["input"], dict):
@@ -159,7 +166,7 @@ def _pydantic_error(err: pydantic.ValidationError, source: str) -> ConfigError:
     return ConfigError(key, msg, source)
 
 
-def parse_spec(data: dict[str, Any], source: str, check_data: bool = True) -> SweepSpec:
+def parse_spec(data: dict[str, Any], source: str, check_data: bool = True, check_machine: bool = True) -> SweepSpec:
     """Validate sweep-file data; raises ConfigError (file, key, allowed values)."""
     try:
         spec = SweepSpec.model_validate({**data, "source": source})
@@ -167,14 +174,33 @@ def parse_spec(data: dict[str, Any], source: str, check_data: bool = True) -> Sw
         raise _pydantic_error(err, source) from None
     _check_train(spec)
     _check_mode(spec)
-    _check_points(spec, check_data)
+    _check_size(spec)
+    _check_points(spec, check_data, check_machine and check_data)
     return spec
 
 
-def load_spec(path: str | Path, check_data: bool = True) -> SweepSpec:
-    """Read and validate a sweep file. ``check_data=False`` skips the data-path check (for
-    looking at a cluster sweep on a machine without its data)."""
-    return parse_spec(load_toml(path), str(path), check_data)
+def load_spec(path: str | Path, check_data: bool = True, check_machine: bool = True) -> SweepSpec:
+    """Read and validate a sweep file. ``check_data=False`` skips the data checks (for
+    looking at a cluster sweep on a machine without its data); ``check_machine=False`` skips
+    those of this machine (device, memory: ``stabench launch`` on a login node)."""
+    return parse_spec(load_toml(path), str(path), check_data, check_machine)
+
+
+def count_trials(spec: SweepSpec) -> tuple[int, str]:
+    """Trials of the sweep and how they multiply, from the axis lengths (nothing is expanded)."""
+    variants_per_stab = [math.prod(len(v) for v in grids.values()) for grids in spec.stabilizers.values()]
+    factors = [("models", len(spec.grid.models)), ("precision", len(spec.grid.precision or [None])),
+               ("weight_tying", len(spec.grid.weight_tying)), ("seeds", len(spec.grid.seeds)),
+               ("stabilizer variants", sum(variants_per_stab))]
+    factors.append(("lr", len(spec.grid.lr)) if spec.mode == "grid" else ("search.trials", spec.search.trials))
+    return math.prod(n for _, n in factors), " × ".join(f"{n:,} {what}" for what, n in factors)
+
+
+def _check_size(spec: SweepSpec) -> None:
+    n, how = count_trials(spec)
+    if n > MAX_TRIALS:
+        raise ConfigError("grid", f"{n:,} trials ({how}) exceed the limit of {MAX_TRIALS:,} per sweep; "
+                          "use fewer values or split the sweep", spec.source)
 
 
 def _check_train(spec: SweepSpec) -> None:
@@ -237,7 +263,7 @@ def _check_mode(spec: SweepSpec) -> None:
         raise ConfigError("search.lr_max", f"must be > lr_min ({spec.search.lr_min:g})", spec.source)
 
 
-def _check_points(spec: SweepSpec, check_data: bool) -> None:
+def _check_points(spec: SweepSpec, check_data: bool, check_machine: bool = True) -> None:
     """Check every axis value once, then one full RunConfig per stabilizer variant."""
     from ..stabilizers import StabilizerError, load_stabilizer_class, make_stabilizer
 
@@ -266,14 +292,26 @@ def _check_points(spec: SweepSpec, check_data: bool) -> None:
                 make_stabilizer(stab, **hps)
             except StabilizerError as e:
                 raise ConfigError(f"stabilizers.{_quote(stab)}", str(e), src) from None
-    lr = (spec.grid.lr or [spec.search.lr_min])[0]
-    cfg = from_dict({**spec.base_config, "model": spec.grid.models[0], "lr": lr, "seed": spec.grid.seeds[0]})
-    if not check_data:
-        cfg = cfg.replace(data="synthetic")
-    try:
-        cfg.check()
-    except ConfigError as e:
-        raise _rekey(e, f"train.{e.key}", src) from None
+    from .grid import variants  # grid imports this module
+
+    for v in variants(spec):  # every trial is a variant at one of the lr values checked above
+        cfg = v.config if check_data else v.config.replace(data="synthetic")
+        try:
+            cfg.check(machine=check_machine)
+        except ConfigError as e:
+            raise _rekey(e, _sweep_key(e.key, spec, cfg), src) from None
+
+
+def _sweep_key(key: str, spec: SweepSpec, cfg: RunConfig) -> str:
+    """Where a sweep file sets RunConfig field ``key`` of trial ``cfg``: ``train.<key>`` or its axis."""
+    field = key.split(".")[0]
+    if field in ("stabilizer", "hparams"):
+        return f"stabilizers.{_quote(cfg.stabilizer)}"
+    if field in AXES:
+        return {"model": "grid.models", "seed": "grid.seeds", "sweep": "name"}.get(field, f"grid.{field}")
+    if field == "precision" and spec.grid.precision is not None:
+        return "grid.precision"
+    return f"train.{key}"
 
 
 def hparam_grid(grids: dict[str, list[float]]) -> list[dict[str, float]]:

@@ -209,13 +209,15 @@ def pack_size(spec: SweepSpec, cfg: RunConfig) -> int:
 
 def run_worker(spec: SweepSpec, storage_url: str | None, out: Path, *, threads: int | None = None,
                gpu: int | None = None, enqueue: bool = True, wait: bool = False,
-               stream: TextIO | None = sys.stdout, max_trials: int | None = None) -> WorkerReport:
+               stream: TextIO | None = sys.stdout, max_trials: int | None = None,
+               on_ready: Callable[[], None] | None = None) -> WorkerReport:
     """Work on a sweep until nothing is queued (``wait``: until nothing is queued or running).
 
     threads: intra-op threads for training (None: the trainer's default).
     gpu: CUDA device index for this worker (None: the current device).
     enqueue: queue the sweep's missing grid points first (idempotent across workers).
     max_trials: stop after claiming this many trials.
+    on_ready: called once the storage is open and the trials queued, before the first claim.
     """
     if gpu is not None:
         import torch
@@ -228,6 +230,8 @@ def run_worker(spec: SweepSpec, storage_url: str | None, out: Path, *, threads: 
         added = queue.enqueue()
         if added:
             log(f"queued {added} trial(s) of sweep {spec.name} in {storage.display}")
+    if on_ready is not None:
+        on_ready()
     report, claimed, data = WorkerReport(), 0, _DataCache()
     while max_trials is None or claimed < max_trials:
         for message in queue.reap():

@@ -1,0 +1,97 @@
+"""A plug-in stabilizer's hooks, run once on small random tensors before any training.
+
+``RunConfig.check`` calls ``preflight`` for every stabilizer that is not built in, so a hook
+that raises, returns the wrong shape, dtype or names, returns non-finite values, or edits its
+inputs in place is one line (StabilizerError naming the plug-in, the hook and the fault) before
+a run or a sweep starts, not a traceback or a silently corrupted run later. The model is the
+run's architecture (same layers, heads, tying: the same parameter names) at a small width,
+vocabulary and sequence, so the check costs milliseconds. During training
+``bench.stabilizers.apply`` repeats the structural part of these checks on every call (pure
+Python, no host sync); finiteness is only checked here.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+
+from ..errors import StabilizerError
+from ..model import GPT, ModelConfig
+from .apply import apply_after_step, hooked_cross_entropy
+from .base import LossInputs, Stabilizer
+
+HOOKS = ("transform_logits", "loss_term", "after_step")
+BATCH, SEQ, VOCAB, HEAD_DIM = 2, 8, 64, 8
+_PASSED: set[tuple] = set()
+
+
+def _guard(spec: str, hook: str, fn: Callable) -> Callable:
+    """``fn`` with any exception it raises reported as a StabilizerError naming ``spec`` and ``hook``."""
+    def call(*args: Any) -> Any:
+        try:
+            return fn(*args)
+        except StabilizerError:
+            raise
+        except Exception as e:
+            raise StabilizerError(f"stabilizer {spec!r}: {hook} raised {type(e).__name__}: {e} "
+                                  "(preflight on small random inputs)") from e
+    return call
+
+
+def _finite(spec: str, hook: str, what: str, t: torch.Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise StabilizerError(f"stabilizer {spec!r}: {hook} returned non-finite {what} (inf or NaN) on small "
+                              "random inputs")
+
+
+def small_model_config(cfg: ModelConfig) -> ModelConfig:
+    """``cfg``'s architecture (layers, heads, tying) at width ≤ 8·heads, vocabulary ≤ 64, sequence ≤ 8."""
+    return dataclasses.replace(cfg, n_embd=min(cfg.n_embd, HEAD_DIM * cfg.n_head), vocab_size=min(cfg.vocab_size, VOCAB),
+                               seq_len=min(cfg.seq_len, SEQ))
+
+
+@torch.no_grad()
+def preflight(spec: str, stab: Stabilizer, model_cfg: ModelConfig) -> None:
+    """Run each hook ``stab`` overrides once (see module doc); raise StabilizerError on a fault.
+
+    Built-in stabilizers are skipped (their tests cover them); a passing (spec, hyperparameters,
+    architecture) is remembered for the process."""
+    from . import BUILTIN
+
+    cls = type(stab)
+    if BUILTIN.get(spec) is cls or not any(cls.has_hook(h) for h in HOOKS):
+        return
+    small = small_model_config(model_cfg)
+    key = (spec, tuple(sorted(stab.hyperparameters().items())), small)
+    if key in _PASSED:
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = GPT(small)
+        x = torch.randint(0, small.vocab_size, (BATCH, small.seq_len))
+        y = torch.randint(0, small.vocab_size, (BATCH, small.seq_len))
+        logits, hidden = model(x)
+    transform = term = None
+    if cls.has_hook("transform_logits"):
+        transform = _guard(spec, "transform_logits", stab.transform_logits)
+    if cls.has_hook("loss_term"):
+        term = _guard(spec, "loss_term", lambda lt, lse, h, E: stab.loss_term(LossInputs(lt, lse, h, E)))
+    if transform is not None or term is not None:
+        _, _, reg, lt = hooked_cross_entropy(logits, y, hidden, model.output_embedding, transform, term, spec)
+        if transform is not None:
+            _finite(spec, "transform_logits", "logits", lt)
+        if reg is not None:
+            _finite(spec, "loss_term", "a loss", reg)
+    if cls.has_hook("after_step"):
+        def after(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            new = _guard(spec, "after_step", stab.after_step)(named)
+            for name, value in (new.items() if isinstance(new, dict) else ()):
+                if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    _finite(spec, "after_step", f"values for {name!r}", value)
+            return new
+
+        params = dict(model.named_parameters())
+        e_name = next(n for n, p in params.items() if p is model.output_embedding)
+        apply_after_step(after, params, e_name, spec)
+    _PASSED.add(key)
