@@ -91,7 +91,7 @@ def test_the_full_fixture_is_a_real_sweep(full):
 def test_figures_writes_every_promised_file(full, tmp_path, capsys):
     """Every figure and table the registries promise, as non-empty PNG / PDF / Markdown / LaTeX."""
     out = tmp_path / "figs"
-    assert cli.main(["figures", str(full), "--out", str(out)]) == 0
+    assert cli.main(["figures", str(full), "--figures", str(out)]) == 0
     stdout = capsys.readouterr().out
     expected = {out / f"{spec.name}.{ext}" for spec in FIGURES for ext in ("png", "pdf")}
     expected |= {out / f"{spec.name}.{ext}" for spec in TABLES for ext in ("md", "tex")}
@@ -167,7 +167,7 @@ def test_report_is_one_self_contained_html_file(full_report):
 
 def test_report_of_a_minimal_sweep_notes_skipped_figures_and_shows_the_sweep_file(minimal, tmp_path, capsys):
     out = tmp_path / "r" / "report.html"
-    assert cli.main(["report", str(minimal), "--out", str(out)]) == 0
+    assert cli.main(["report", str(minimal), "--html", str(out)]) == 0
     capsys.readouterr()
     text = _check_html(out)
     assert "not drawn: no run diverged" in text and "lrs_vs_size</b> not drawn" in text
@@ -178,7 +178,7 @@ def test_report_of_a_minimal_sweep_notes_skipped_figures_and_shows_the_sweep_fil
 
 def test_leaderboard_ranks_per_protocol_with_provenance_on_every_row(full, minimal, tmp_path, capsys):
     out = tmp_path / "board.md"
-    assert cli.main(["leaderboard", str(full), str(minimal), str(full), "--out", str(out)]) == 0
+    assert cli.main(["leaderboard", str(full), str(minimal), str(full), "--markdown", str(out)]) == 0
     stdout = capsys.readouterr().out
     text = out.read_text()
     assert text in stdout
@@ -195,7 +195,7 @@ def test_leaderboard_ranks_per_protocol_with_provenance_on_every_row(full, minim
 
 def test_claims_writes_published_and_local_tables_and_a_verdict_per_claim(full, tmp_path, capsys):
     out = tmp_path / "claims.md"
-    assert cli.main(["claims", str(full), "--lambda", str(full), "--compare", str(CSV), "--out", str(out)]) == 0
+    assert cli.main(["claims", str(full), "--lambda", str(full), "--compare", str(CSV), "--markdown", str(out)]) == 0
     text = out.read_text()
     assert text in capsys.readouterr().out
     assert "Published LRS" in text and "| 221M |" in text
@@ -218,7 +218,7 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys):
 def test_bad_published_csv_is_a_usage_error(minimal, tmp_path, capsys):
     bad = tmp_path / "bad.csv"
     bad.write_text("model,lr\n16M,0.1\n")
-    assert cli.main(["figures", str(minimal), "--out", str(tmp_path / "f"), "--compare", str(bad)]) == 2
+    assert cli.main(["figures", str(minimal), "--figures", str(tmp_path / "f"), "--compare", str(bad)]) == 2
     assert "missing column(s) stabilizer, lam, weight_tying, final_loss" in capsys.readouterr().err
     assert not (tmp_path / "f").exists()
 
