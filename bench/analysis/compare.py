@@ -231,37 +231,41 @@ def markdown(c: Comparison, protocol: dict[str, list[Any]] | None = None) -> str
 
 
 def figure(c: Comparison):
-    """One figure: LRS per setting (mean and 95% CI over seeds), a marker per folder, a panel per model."""
+    """One figure: LRS (top) and best loss (bottom) per setting, mean and 95% CI over seeds, a marker
+    per folder, a column per model."""
     from matplotlib.figure import Figure
 
     groups = _ordered_groups(c)
     models = list(dict.fromkeys(groups["model"]))
     per_panel = max(4.0, 1.5 + 0.8 * int(groups.groupby("model").size().max()))
-    fig = Figure(figsize=(per_panel * len(models), 4.0), layout="constrained")
-    axes = fig.subplots(1, len(models), squeeze=False)[0]
-    k = len(c.labels)
-    width = 0.8 / k
-    for ax, model in zip(axes, models):
+    fig = Figure(figsize=(per_panel * len(models), 6.5), layout="constrained")
+    axes = fig.subplots(2, len(models), squeeze=False, sharex="col")
+    width = 0.8 / len(c.labels)
+    for col, model in enumerate(models):
         g = groups[groups["model"] == model].reset_index(drop=True)
-        for j, lab in enumerate(c.labels):
-            xs, ys, lo, hi = [], [], [], []
-            for i, grp in g.iterrows():
-                m = c.summary[c.summary["folder"] == lab]
-                for col in GROUP:
-                    m = m[m[col] == grp[col]]
-                if m.empty or not np.isfinite(m.iloc[0]["lrs_mean"]):
-                    continue
-                m = m.iloc[0]
-                xs.append(i - 0.4 + width * (j + 0.5))
-                ys.append(m["lrs_mean"])
-                lo.append(m["lrs_mean"] - m["lrs_ci_lo"] if np.isfinite(m["lrs_ci_lo"]) else 0.0)
-                hi.append(m["lrs_ci_hi"] - m["lrs_mean"] if np.isfinite(m["lrs_ci_hi"]) else 0.0)
-            ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", capsize=3, label=lab, color=f"C{j}")
-        ax.set_xticks(range(len(g)), g["setting"], rotation=30, ha="right")
-        ax.set_title(model)
-        ax.set_ylabel("LR sensitivity (nats)")
-        ax.set_ylim(bottom=0)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(title="results", fontsize="small")
-    fig.suptitle("LRS per stabilizer: mean and 95% CI over seeds")
+        for row, (metric, ylabel) in enumerate((("lrs", "LR sensitivity (nats)"), ("best_loss", "best loss (nats)"))):
+            ax = axes[row, col]
+            for j, lab in enumerate(c.labels):
+                xs, ys, lo, hi = [], [], [], []
+                for i, grp in g.iterrows():
+                    m = c.summary[c.summary["folder"] == lab]
+                    for key in GROUP:
+                        m = m[m[key] == grp[key]]
+                    if m.empty or not np.isfinite(m.iloc[0][f"{metric}_mean"]):
+                        continue
+                    m = m.iloc[0]
+                    mean, ci_lo, ci_hi = m[f"{metric}_mean"], m[f"{metric}_ci_lo"], m[f"{metric}_ci_hi"]
+                    xs.append(i - 0.4 + width * (j + 0.5))
+                    ys.append(mean)
+                    lo.append(mean - ci_lo if np.isfinite(ci_lo) else 0.0)
+                    hi.append(ci_hi - mean if np.isfinite(ci_hi) else 0.0)
+                ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", capsize=3, label=lab, color=f"C{j}")
+            ax.set_xticks(range(len(g)), g["setting"], rotation=30, ha="right")
+            ax.set_ylabel(ylabel)
+            ax.grid(axis="y", alpha=0.3)
+            if row == 0:
+                ax.set_title(model)
+                ax.set_ylim(bottom=0)
+    axes[0, 0].legend(title="results", fontsize="small")
+    fig.suptitle("Per stabilizer: mean and 95% CI over seeds")
     return fig
