@@ -8,11 +8,13 @@ bench.records.write_run:
   skipped with a note, nothing crashes).
 """
 import base64
+import importlib.util
 import math
 import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -258,6 +260,39 @@ def test_notebook_executes_headlessly(path, full, tmp_path, monkeypatch):
     for name in NOTEBOOK_FIGURES[path.name]:  # the same files `stabench figures` writes
         _check_file(tmp_path / "figs" / f"{name}.png")
         _check_file(tmp_path / "figs" / f"{name}.pdf")
+
+
+def _readme_notebook_command() -> str:
+    """The README's line that runs a notebook headlessly (`STABENCH_RESULTS=… jupyter execute …`)."""
+    lines = [line.strip() for line in (ROOT / "README.md").read_text().splitlines()
+             if line.strip().startswith("STABENCH_RESULTS=") and "jupyter execute" in line]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_readme_notebook_command_resolves_results_from_the_launch_directory(full, tmp_path):
+    """Run the README's command verbatim from a directory holding its relative results path: the kernel
+    runs in analysis/, yet $STABENCH_RESULTS resolves against the launch directory."""
+    jupyter = Path(sys.executable).parent / "jupyter"
+    if not jupyter.exists() or importlib.util.find_spec("nbclient") is None:
+        pytest.skip("jupyter execute (nbclient) is not installed: pip install -e '.[notebooks]'")
+    command = _readme_notebook_command()
+    relative = re.match(r"STABENCH_RESULTS=(\S+) ", command).group(1)
+    notebook = command.split()[-1]
+    assert not Path(relative).is_absolute() and notebook.startswith("analysis/")
+    launch = tmp_path / "launch"
+    shutil.copytree(full, launch / relative)
+    (launch / "analysis").symlink_to(ROOT / "analysis")  # the notebook path as the README writes it
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STABENCH_") and k != "PWD"}
+    env["PATH"] = f"{jupyter.parent}{os.pathsep}{env.get('PATH', '')}"
+    r = subprocess.run(["bash", "-c", command], cwd=launch, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    before = {p.name for p in NOTEBOOKS}
+    for name in NOTEBOOK_FIGURES[Path(notebook).name]:  # saved in <results>/figures, under the launch dir
+        _check_file(launch / relative / "figures" / f"{name}.png")
+    assert {p.name for p in NOTEBOOKS} == before
+    nb = (ROOT / notebook).read_text()
+    assert '"outputs": []' in nb and '"output_type"' not in nb  # the stored file is left unchanged
 
 
 # -- a real browser -------------------------------------------------------------------------
