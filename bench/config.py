@@ -21,7 +21,7 @@ import pydantic
 from pydantic import ConfigDict, TypeAdapter
 
 from .errors import ConfigError
-from .model import PRESETS, ModelConfig, preset
+from .presets import PRESETS, ModelConfig, preset
 
 
 Precision = Literal["auto", "fp32", "bf16", "bf16-emu", "fp64"]

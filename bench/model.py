@@ -12,56 +12,13 @@ stacked along a leading member dimension (see bench/pack/batched_model.py).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Architecture of one GPT. ``vocab_size`` and ``seq_len`` come from the data."""
-
-    n_layer: int
-    n_embd: int
-    n_head: int
-    vocab_size: int = 8192
-    seq_len: int = 64
-    weight_tying: bool = False
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    @property
-    def ffn_dim(self) -> int:
-        """SwiGLU hidden width: 8/3·H rounded up to a multiple of 16."""
-        return 16 * math.ceil(8 * self.n_embd / 3 / 16)
-
-
-# name -> (n_layer, n_embd, n_head). The study's sizes (README.md, "Models") and CPU presets.
-PRESETS: dict[str, tuple[int, int, int]] = {
-    "nano": (1, 32, 4),
-    "micro": (2, 64, 4),
-    "tiny": (4, 128, 4),
-    "small": (6, 192, 4),
-    "16M": (6, 224, 4),
-    "29M": (9, 320, 4),
-    "57M": (12, 480, 4),
-    "109M": (15, 640, 4),
-    "221M": (21, 832, 4),
-}
-CPU_PRESETS = ("nano", "micro", "tiny", "small")
-STUDY_PRESETS = ("16M", "29M", "57M", "109M", "221M")
-
-
-def preset(name: str, **kw) -> ModelConfig:
-    """ModelConfig of a named preset; ``kw`` sets vocab_size, seq_len, weight_tying."""
-    if name not in PRESETS:
-        raise KeyError(f"unknown model preset {name!r}; allowed: {', '.join(PRESETS)}")
-    n_layer, n_embd, n_head = PRESETS[name]
-    return ModelConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head, **kw)
+from .presets import (CPU_PRESETS, PRESETS, STUDY_PRESETS, ModelConfig, count_params,  # noqa: F401
+                      flops_per_token, preset)
 
 
 def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,16 +122,3 @@ class GPT(nn.Module):
     def n_params(self) -> int:
         """Number of distinct parameters (a tied matrix counts once)."""
         return sum(p.numel() for p in self.parameters())
-
-
-def count_params(cfg: ModelConfig) -> int:
-    """Parameter count of a config without allocating the model (closed form)."""
-    H, V, L, F_ = cfg.n_embd, cfg.vocab_size, cfg.n_layer, cfg.ffn_dim
-    block = 3 * H * H + H * H + 2 * cfg.head_dim + 2 * H * F_ + F_ * H + 2 * H
-    return V * H * (1 if cfg.weight_tying else 2) + L * block + H
-
-
-def flops_per_token(cfg: ModelConfig) -> float:
-    """Training FLOPs per token: 6·N (non-embedding-lookup params) + attention 12·L·H·T."""
-    n_matmul = count_params(cfg) - cfg.vocab_size * cfg.n_embd * (0 if cfg.weight_tying else 1)
-    return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_embd * cfg.seq_len

@@ -11,12 +11,9 @@
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -401,56 +398,3 @@ def format_markdown(result: dict[str, Any]) -> str:
         out += [f"| {r['layout']} | {r['trials_per_hour']:.0f} | {r['achieved_flops'] / 1e9:.1f} | {r['mfu']:.0%} |"
                 for r in p["rows"]]
     return "\n".join(out) + "\n"
-
-
-def configure(name: str, p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", action="append", help="preset to time (repeatable; default: CPU presets on CPU, "
-                                                      "16M-221M on CUDA)")
-    p.add_argument("--quick", action="store_true", help="few steps: a smoke test, not a measurement")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    p.add_argument("--markdown", metavar="PATH", help="also write the tables as Markdown (the README's)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "bf16-emu"])
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores on CPU)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--vocab-size", type=int, default=None, help="default 8192 on CPU, 50304 on CUDA")
-    p.add_argument("--compile", action="store_true", help="time torch.compile'd models")
-    p.add_argument("--skip", action="append", default=[], choices=["overhead", "layouts", "packed"])
-    p.add_argument("--overhead-preset", action="append", default=None,
-                   help="preset for the stabilizer overhead (repeatable; default: micro on CPU, 16M on CUDA, "
-                        "else the first timed preset, plus the largest timed preset)")
-
-
-def main(name: str, args: argparse.Namespace) -> int:
-    from .errors import UsageError
-    from .model import PRESETS
-
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    presets = args.preset or list(STUDY_PRESETS if cuda else CPU_PRESETS)
-    bad = [p for p in presets if p not in PRESETS]
-    if bad:
-        raise UsageError(f"unknown preset {bad[0]!r}; allowed: {', '.join(PRESETS)}")
-    sections = {"overhead", "layouts", "packed"} - set(args.skip)
-    over = args.overhead_preset or list(dict.fromkeys(
-        [next((p for p in ("micro", "16M") if p in presets), presets[0]), max(presets, key=list(PRESETS).index)]))
-    bad = [p for p in over if p not in PRESETS]
-    if bad:
-        raise UsageError(f"unknown preset {bad[0]!r}; allowed: {', '.join(PRESETS)}")
-    result = run_perf(presets, quick=args.quick, device=args.device, precision=args.precision,
-                      threads=args.threads, batch_size=args.batch_size, seq_len=args.seq_len,
-                      vocab_size=args.vocab_size, compile_=args.compile, sections=sections, overhead_presets=over,
-                      log=lambda m: print(m, file=sys.stderr, flush=True))
-    print(format_table(result))
-    if args.json:
-        _write(args.json, json.dumps(result, indent=2) + "\n")
-    if args.markdown:
-        _write(args.markdown, format_markdown(result))
-    return 0
-
-
-def _write(where: str, text: str) -> None:
-    path = Path(where)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    print(f"wrote {path}")

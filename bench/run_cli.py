@@ -24,22 +24,81 @@ RUN_FLAGS: dict[str, tuple[str, type]] = {
     "--" + f.name.replace("_", "-"): (f.name, _flag_type(typing.get_type_hints(RunConfig)[f.name]))
     for f in fields_with(flag="cli")}
 
+BUILTIN_STABILIZERS = ("baseline", "zloss", "softcap", "muloss", "mucentering")
+"""= bench.stabilizers.BUILTIN (a test checks; importing it here would import torch for --help)."""
+
+# RunConfig field -> (metavar, help: what it is, in which unit). Every ``cli`` field needs one (a test checks);
+# the default and the allowed values are added from the field itself.
+FIELD_HELP: dict[str, tuple[str, str]] = {
+    "model": ("PRESET", "model preset (`stabench presets` lists their sizes)"),
+    "stabilizer": ("SPEC", "stabilizer: a built-in ({builtin}), module:Class, path/file.py:Class or an "
+                           "entry-point name"),
+    "lr": ("LR", "peak learning rate, per step, after linear warmup"),
+    "min_lr": ("LR", "final learning rate of the cosine decay"),
+    "steps": ("STEPS", "training steps (optimizer updates)"),
+    "warmup": ("STEPS", "linear warmup steps, < --steps"),
+    "batch_size": ("N", "sequences per step"),
+    "micro_batch_size": ("N", "sequences per forward pass, dividing --batch-size (gradient accumulation); "
+                              "unset = --batch-size"),
+    "seq_len": ("TOKENS", "tokens per sequence"),
+    "vocab_size": ("TOKENS", "vocabulary size; L0 = ln V"),
+    "data": ("SPEC", "token data: synthetic[:tokens=N,zipf=X,...], text:PATH or bin:PATH"),
+    "seed": ("N", "initialization seed (and batch order unless --data-seed)"),
+    "data_seed": ("N", "batch-order seed; unset = --seed"),
+    "device": ("DEVICE", "where to train; auto = CUDA when available"),
+    "precision": ("PREC", "numeric precision; auto = bf16 on CUDA and CPUs with bf16 units, else fp32"),
+    "threads": ("N", "intra-op CPU threads; unset = torch's default (all usable cores)"),
+    "eval_every": ("STEPS", "validate every this many steps"),
+    "eval_batches": ("N", "validation batches per evaluation"),
+    "log_every": ("STEPS", "log (and check divergence) every this many steps"),
+    "weight_decay": ("WD", "AdamW weight decay (never on gains)"),
+    "grad_clip": ("NORM", "global gradient-norm clipping threshold"),
+}
+
+
+def _field_help(f: dataclasses.Field) -> dict[str, typing.Any]:
+    """argparse keywords of the flag of RunConfig field ``f``: metavar, help with default and choices."""
+    metavar, text = FIELD_HELP[f.name]
+    text = text.format(builtin=", ".join(BUILTIN_STABILIZERS))
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    kw: dict[str, typing.Any] = {"metavar": metavar}
+    annotation = typing.get_type_hints(RunConfig)[f.name]
+    if typing.get_origin(annotation) is typing.Literal:
+        kw["choices"] = list(typing.get_args(annotation))
+        text += "; one of %(choices)s"
+    elif f.name == "model":
+        from .presets import PRESETS
+        text += f"; one of {', '.join(PRESETS)}"
+    if default is not None:  # the flags default to None (unset: --config, then the field's default)
+        text += f" (default: {default})"
+    kw["help"] = text.replace("%", "%%").replace("%%(choices)s", "%(choices)s")
+    return kw
+
 
 def configure(name: str, p: argparse.ArgumentParser) -> None:
     if name == "presets":
-        p.add_argument("--vocab-size", type=int, default=None, help="vocabulary (default: 8192 CPU, 50304 study)")
+        p.add_argument("--vocab-size", type=int, default=None, metavar="TOKENS",
+                       help="vocabulary size in tokens (default: 8192 for CPU presets, 50304 for the study's)")
         return
-    p.add_argument("--config", metavar="FILE.toml", help="RunConfig values from a TOML file (flags override)")
+    p.add_argument("--config", metavar="FILE.toml",
+                   help="RunConfig values from a TOML file; flags override them (default: none)")
+    by_name = {f.name: f for f in fields_with(flag="cli")}
     for flag, (field, typ) in RUN_FLAGS.items():
-        p.add_argument(flag, dest=field, type=typ, default=None, metavar=field.upper())
-    p.add_argument("--lam", type=float, default=None, help="λ of zloss / muloss")
-    p.add_argument("--cap", type=float, default=None, help="c of softcap")
+        p.add_argument(flag, dest=field, type=typ, default=None, **_field_help(by_name[field]))
+    p.add_argument("--lam", type=float, default=None, metavar="λ",
+                   help="λ of zloss / muloss, >= 0, e.g. 1e-4 (default: the stabilizer's)")
+    p.add_argument("--cap", type=float, default=None, metavar="C",
+                   help="cap c of softcap, > 0, in logit units, e.g. 30 (default: the stabilizer's)")
     p.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
-                   help="any stabilizer hyperparameter (third-party stabilizers); repeatable")
-    p.add_argument("--weight-tying", dest="weight_tying", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--out", default="results/dev", help="output directory (default results/dev)")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+                   help="any stabilizer hyperparameter (third-party stabilizers), a number; repeatable "
+                        "(default: none)")
+    p.add_argument("--weight-tying", dest="weight_tying", action=argparse.BooleanOptionalAction, default=None,
+                   help="share the token embedding and the LM head (default: untied)")
+    p.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: eager)")
+    p.add_argument("--out", default="results/dev", metavar="DIR",
+                   help="results directory: runs.parquet and curves.parquet are appended there (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress output (default: a progress line per log)")
 
 
 def config_from_args(args: argparse.Namespace):

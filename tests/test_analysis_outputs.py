@@ -8,11 +8,13 @@ bench.records.write_run:
   skipped with a note, nothing crashes).
 """
 import base64
+import importlib.util
 import math
 import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -91,7 +93,7 @@ def test_the_full_fixture_is_a_real_sweep(full):
 def test_figures_writes_every_promised_file(full, tmp_path, capsys):
     """Every figure and table the registries promise, as non-empty PNG / PDF / Markdown / LaTeX."""
     out = tmp_path / "figs"
-    assert cli.main(["figures", str(full), "--out", str(out)]) == 0
+    assert cli.main(["figures", str(full), "--figures", str(out)]) == 0
     stdout = capsys.readouterr().out
     expected = {out / f"{spec.name}.{ext}" for spec in FIGURES for ext in ("png", "pdf")}
     expected |= {out / f"{spec.name}.{ext}" for spec in TABLES for ext in ("md", "tex")}
@@ -167,7 +169,7 @@ def test_report_is_one_self_contained_html_file(full_report):
 
 def test_report_of_a_minimal_sweep_notes_skipped_figures_and_shows_the_sweep_file(minimal, tmp_path, capsys):
     out = tmp_path / "r" / "report.html"
-    assert cli.main(["report", str(minimal), "--out", str(out)]) == 0
+    assert cli.main(["report", str(minimal), "--html", str(out)]) == 0
     capsys.readouterr()
     text = _check_html(out)
     assert "not drawn: no run diverged" in text and "lrs_vs_size</b> not drawn" in text
@@ -178,7 +180,7 @@ def test_report_of_a_minimal_sweep_notes_skipped_figures_and_shows_the_sweep_fil
 
 def test_leaderboard_ranks_per_protocol_with_provenance_on_every_row(full, minimal, tmp_path, capsys):
     out = tmp_path / "board.md"
-    assert cli.main(["leaderboard", str(full), str(minimal), str(full), "--out", str(out)]) == 0
+    assert cli.main(["leaderboard", str(full), str(minimal), str(full), "--markdown", str(out)]) == 0
     stdout = capsys.readouterr().out
     text = out.read_text()
     assert text in stdout
@@ -195,7 +197,7 @@ def test_leaderboard_ranks_per_protocol_with_provenance_on_every_row(full, minim
 
 def test_claims_writes_published_and_local_tables_and_a_verdict_per_claim(full, tmp_path, capsys):
     out = tmp_path / "claims.md"
-    assert cli.main(["claims", str(full), "--lambda", str(full), "--compare", str(CSV), "--out", str(out)]) == 0
+    assert cli.main(["claims", str(full), "--lambda", str(full), "--compare", str(CSV), "--markdown", str(out)]) == 0
     text = out.read_text()
     assert text in capsys.readouterr().out
     assert "Published LRS" in text and "| 221M |" in text
@@ -218,7 +220,7 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys):
 def test_bad_published_csv_is_a_usage_error(minimal, tmp_path, capsys):
     bad = tmp_path / "bad.csv"
     bad.write_text("model,lr\n16M,0.1\n")
-    assert cli.main(["figures", str(minimal), "--out", str(tmp_path / "f"), "--compare", str(bad)]) == 2
+    assert cli.main(["figures", str(minimal), "--figures", str(tmp_path / "f"), "--compare", str(bad)]) == 2
     assert "missing column(s) stabilizer, lam, weight_tying, final_loss" in capsys.readouterr().err
     assert not (tmp_path / "f").exists()
 
@@ -258,6 +260,39 @@ def test_notebook_executes_headlessly(path, full, tmp_path, monkeypatch):
     for name in NOTEBOOK_FIGURES[path.name]:  # the same files `stabench figures` writes
         _check_file(tmp_path / "figs" / f"{name}.png")
         _check_file(tmp_path / "figs" / f"{name}.pdf")
+
+
+def _readme_notebook_command() -> str:
+    """The README's line that runs a notebook headlessly (`STABENCH_RESULTS=… jupyter execute …`)."""
+    lines = [line.strip() for line in (ROOT / "README.md").read_text().splitlines()
+             if line.strip().startswith("STABENCH_RESULTS=") and "jupyter execute" in line]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_readme_notebook_command_resolves_results_from_the_launch_directory(full, tmp_path):
+    """Run the README's command verbatim from a directory holding its relative results path: the kernel
+    runs in analysis/, yet $STABENCH_RESULTS resolves against the launch directory."""
+    jupyter = Path(sys.executable).parent / "jupyter"
+    if not jupyter.exists() or importlib.util.find_spec("nbclient") is None:
+        pytest.skip("jupyter execute (nbclient) is not installed: pip install -e '.[notebooks]'")
+    command = _readme_notebook_command()
+    relative = re.match(r"STABENCH_RESULTS=(\S+) ", command).group(1)
+    notebook = command.split()[-1]
+    assert not Path(relative).is_absolute() and notebook.startswith("analysis/")
+    launch = tmp_path / "launch"
+    shutil.copytree(full, launch / relative)
+    (launch / "analysis").symlink_to(ROOT / "analysis")  # the notebook path as the README writes it
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STABENCH_") and k != "PWD"}
+    env["PATH"] = f"{jupyter.parent}{os.pathsep}{env.get('PATH', '')}"
+    r = subprocess.run(["bash", "-c", command], cwd=launch, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    before = {p.name for p in NOTEBOOKS}
+    for name in NOTEBOOK_FIGURES[Path(notebook).name]:  # saved in <results>/figures, under the launch dir
+        _check_file(launch / relative / "figures" / f"{name}.png")
+    assert {p.name for p in NOTEBOOKS} == before
+    nb = (ROOT / notebook).read_text()
+    assert '"outputs": []' in nb and '"output_type"' not in nb  # the stored file is left unchanged
 
 
 # -- a real browser -------------------------------------------------------------------------

@@ -103,11 +103,11 @@ def test_cli_maps_a_storage_error(capsys, tmp_path):
 
 @pytest.mark.parametrize("cls", [c for c in ERRORS if c is not errors.ConfigError])
 def test_cli_maps_every_subclass(capsys, monkeypatch, cls):
-    import bench.perf
+    import bench.perf_cli
 
     def fail(name, args):
         raise cls("something is wrong")
 
-    monkeypatch.setattr(bench.perf, "main", fail)
+    monkeypatch.setattr(bench.perf_cli, "main", fail)
     assert main(["perf"]) == 2
     assert capsys.readouterr().err == "stabench perf: error: something is wrong\n"

@@ -59,7 +59,7 @@ def test_sigkilled_packed_worker_resumes_its_pack_from_the_checkpoint(tmp_path):
     assert len(running) == 4
     assert not (out / "runs.parquet").exists()
 
-    second = stabench("worker", "--sweep", str(path), "--out", str(out), "--threads", "1", cwd=tmp_path)
+    second = stabench("worker", str(path), "--out", str(out), "--threads", "1", cwd=tmp_path)
     assert second.returncode == 0, second.stdout + second.stderr
     assert second.stdout.count("is no longer running; retrying as trial") == 4
     trials = assert_exactly_once(path, out)

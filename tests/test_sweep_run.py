@@ -72,7 +72,7 @@ def stabench(*args: str, cwd: Path, timeout: float = TIMEOUT_S, env: dict | None
 
 
 def start_worker(path: Path, out: Path, log: Path, storage: str | None = None) -> subprocess.Popen:
-    args = [STABENCH, "worker", "--sweep", str(path), "--out", str(out), "--threads", "1"]
+    args = [STABENCH, "worker", str(path), "--out", str(out), "--threads", "1"]
     if storage:
         args += ["--storage", storage]
     return subprocess.Popen(args, cwd=path.parent, stdout=open(log, "w"), stderr=subprocess.STDOUT)
@@ -155,7 +155,7 @@ def test_a_failing_trial_is_listed_with_its_error(tmp_path):
         """))
     path = sweep_file(tmp_path, "failing", lrs=(1e-2,), stabilizers='baseline = {}\n"exploding.py:Exploding" = {}')
     out = tmp_path / "results" / "failing"
-    done = stabench("worker", "--sweep", str(path), cwd=tmp_path)
+    done = stabench("worker", str(path), cwd=tmp_path)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "FAILED RuntimeError: exploded on purpose" in done.stdout
     assert len(pq.read_table(out / "runs.parquet")) == 1  # the baseline
@@ -185,7 +185,7 @@ def test_sigkilled_worker_is_retried_and_resumes_from_its_checkpoint(tmp_path):
     (running,) = [t for t in study_trials(path, out) if t.state == TrialState.RUNNING]
     assert running.user_attrs["key"] == killed_key
 
-    second = stabench("worker", "--sweep", str(path), "--out", str(out), "--threads", "1", cwd=tmp_path)
+    second = stabench("worker", str(path), "--out", str(out), "--threads", "1", cwd=tmp_path)
     assert second.returncode == 0, second.stdout + second.stderr
     assert f"trial {running.number} ({killed_key}): worker" in second.stdout
     assert "is no longer running; retrying as trial" in second.stdout
@@ -243,7 +243,7 @@ def test_search_mode_asks_tpe_for_learning_rates(tmp_path):
                       extra="[search]\ntrials = 3\nlr_min = 1e-4\nlr_max = 1e-1\n")
     path.write_text('mode = "search"\n' + path.read_text().replace("lr = [0.001, 0.01]\n", ""))
     out = tmp_path / "results" / "search"
-    done = stabench("worker", "--sweep", str(path), "--threads", "1", cwd=tmp_path)
+    done = stabench("worker", str(path), "--threads", "1", cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     spec = load_spec(path)
     storage = open_storage(None, out, spec.execution)

@@ -53,7 +53,7 @@ def sbatch_lines(script: str) -> list[str]:
 
 
 def test_script_is_an_array_of_workers_on_the_sweep(sweep, tmp_path, capsys):
-    assert launch("--sweep", str(sweep), "--array", "12", "--out", "job.sh", "--time", "02:00:00",
+    assert launch(str(sweep), "--array", "12", "--script", "job.sh", "--time", "02:00:00",
                   "--partition", "cpu", "--max-parallel", "4") == 0
     assert "wrote job.sh: 12 array task(s)" in capsys.readouterr().out
     script = (tmp_path / "job.sh").read_text()
@@ -68,7 +68,7 @@ def test_script_is_an_array_of_workers_on_the_sweep(sweep, tmp_path, capsys):
     assert f'export STABENCH_STORAGE="${{STABENCH_STORAGE:-{journal}}}"' in script
     assert f"cd {tmp_path}\n" in script
     out = tmp_path / "results" / "cluster"
-    assert f'worker --sweep {sweep} --out {out} --threads "${{SLURM_CPUS_PER_TASK}}"' in script
+    assert f'worker {sweep} --out {out} --threads "${{SLURM_CPUS_PER_TASK}}"' in script
     assert (tmp_path / "results" / "cluster" / "trials").is_dir()  # sbatch needs the log directory
     assert subprocess.run(["bash", "-n", str(tmp_path / "job.sh")]).returncode == 0
 
@@ -76,7 +76,7 @@ def test_script_is_an_array_of_workers_on_the_sweep(sweep, tmp_path, capsys):
 def test_gpu_sweep_asks_for_one_gpu_per_task(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "gpu.toml").write_text(SWEEP.format(device="cuda"))
-    assert launch("--sweep", "gpu.toml", "--array", "3", "--out", "gpu.sh", "--mem", "64G",
+    assert launch("gpu.toml", "--array", "3", "--script", "gpu.sh", "--mem", "64G",
                   "--setup", "module load cuda/12.4") == 0
     script = (tmp_path / "gpu.sh").read_text()
     opts = sbatch_lines(script)
@@ -87,7 +87,7 @@ def test_gpu_sweep_asks_for_one_gpu_per_task(tmp_path, monkeypatch):
 
 def test_database_password_stays_out_of_the_script(sweep, tmp_path, capsys):
     url = f"postgresql://bench:{PASSWORD}@db.cluster:5432/sweeps"
-    assert launch("--sweep", str(sweep), "--storage", url, "--array", "2", "--out", "pg.sh") == 0
+    assert launch(str(sweep), "--storage", url, "--array", "2", "--script", "pg.sh") == 0
     out = capsys.readouterr().out
     script = (tmp_path / "pg.sh").read_text()
     assert PASSWORD not in script + out
@@ -107,7 +107,7 @@ def test_submit_passes_the_storage_url_in_the_environment(sweep, tmp_path, monke
     (bin_dir / "sbatch").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     url = f"postgresql://bench:{PASSWORD}@db.cluster/sweeps"
-    assert launch("--sweep", str(sweep), "--storage", url, "--array", "5", "--submit") == 0
+    assert launch(str(sweep), "--storage", url, "--array", "5", "--submit") == 0
     out = capsys.readouterr().out
     assert "submitted Slurm job 4242" in out and PASSWORD not in out
     script = tmp_path / "results" / "cluster" / "trials" / "slurm.sh"
@@ -117,12 +117,12 @@ def test_submit_passes_the_storage_url_in_the_environment(sweep, tmp_path, monke
 
 def test_submit_without_slurm_is_a_clear_error(sweep, monkeypatch, capsys):
     monkeypatch.setenv("PATH", "/nonexistent")
-    assert launch("--sweep", str(sweep), "--array", "2", "--submit") == 2
+    assert launch(str(sweep), "--array", "2", "--submit") == 2
     assert "sbatch not found" in capsys.readouterr().err
 
 
 def test_generated_script_runs_a_worker_that_drains_the_sweep(sweep, tmp_path):
-    assert launch("--sweep", str(sweep), "--array", "1", "--out", "job.sh") == 0
+    assert launch(str(sweep), "--array", "1", "--script", "job.sh") == 0
     env = {**os.environ, "SLURM_CPUS_PER_TASK": "1", "SLURM_ARRAY_TASK_ID": "0"}
     env.pop("STABENCH_STORAGE", None)
     done = subprocess.run(["bash", str(tmp_path / "job.sh")], env=env, capture_output=True, text=True, timeout=300)

@@ -101,7 +101,7 @@ def test_invalid_sweep_file_is_one_clear_error_and_writes_nothing(tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no results/, no journal
 
 
-@pytest.mark.parametrize("command", [["worker", "--sweep"], ["launch", "slurm", "--array", "2", "--sweep"]])
+@pytest.mark.parametrize("command", [["worker"], ["launch", "slurm", "--array", "2"]])
 def test_worker_and_launch_validate_the_sweep_file_first(tmp_path, monkeypatch, capsys, command):
     path = write(tmp_path, replace("baseline = {}", "zlos = {}"))
     monkeypatch.chdir(tmp_path)

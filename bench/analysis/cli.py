@@ -1,4 +1,4 @@
-"""``stabench figures``, ``stabench report``, ``stabench leaderboard`` and ``stabench claims``."""
+"""``stabench figures``, ``report``, ``leaderboard``, ``claims`` and ``compare``."""
 from __future__ import annotations
 
 import argparse
@@ -6,26 +6,44 @@ import sys
 from pathlib import Path
 
 
+COMPARE_HELP = ("published results CSV with columns model, stabilizer, lam, lr, weight_tying, final_loss, "
+                "tabulated and drawn beside the local runs (default: none)")
+
+
 def configure(name: str, parser: argparse.ArgumentParser) -> None:
-    """Add the arguments of subcommand ``name`` to ``parser``."""
+    """Add the arguments of subcommand ``name`` to ``parser`` (imports nothing heavy: ``--help`` stays fast)."""
     if name == "leaderboard":
-        parser.add_argument("dirs", nargs="+", metavar="DIR", help="results directories (results/<sweep>)")
-        parser.add_argument("--out", metavar="FILE", help="also write the Markdown to FILE")
+        parser.add_argument("dirs", nargs="+", metavar="DIR", help="results directories (results/<sweep name>)")
+        parser.add_argument("--markdown", metavar="FILE",
+                            help="also write the Markdown to FILE (default: stdout only; "
+                                 "`--out FILE` is its deprecated spelling)")
         return
-    parser.add_argument("results_dir", metavar="RESULTS_DIR", help="results directory (results/<sweep>)")
+    if name == "compare":
+        parser.add_argument("dirs", nargs="+", metavar="DIR",
+                            help="two or more results directories of one protocol (results/<sweep name>); "
+                                 "differences are taken against the first")
+        parser.add_argument("--figures", metavar="DIR",
+                            help="folder for compare.png (default: the folders' common parent, e.g. results/)")
+        parser.add_argument("--markdown", metavar="FILE", help="also write the Markdown table to FILE "
+                                                              "(default: stdout only)")
+        return
+    parser.add_argument("results_dir", metavar="DIR", help="results directory (results/<sweep name>)")
     if name == "claims":
         parser.add_argument("--lambda", dest="lambda_dir", metavar="DIR",
-                            help="results directory of a λ sweep (claim (e))")
+                            help="results directory of a λ sweep, for claim (e) (default: none)")
         parser.add_argument("--lr-max", type=float, metavar="LR",
-                            help="use only learning rates <= LR (e.g. 0.3, the top of the study's grid)")
-        parser.add_argument("--out", metavar="FILE", help="also write the Markdown to FILE")
+                            help="use only learning rates <= LR, e.g. 0.3, the top of the study's grid "
+                                 "(default: all)")
+        parser.add_argument("--markdown", metavar="FILE",
+                            help="also write the Markdown to FILE (default: stdout only; "
+                                 "`--out FILE` is its deprecated spelling)")
     elif name == "figures":
-        parser.add_argument("--out", metavar="DIR", help="output directory (default RESULTS_DIR/figures)")
+        parser.add_argument("--figures", metavar="DIR",
+                            help="output folder (default: DIR/figures; `--out DIR` is its deprecated spelling)")
     else:
-        parser.add_argument("--out", metavar="FILE", help="HTML file (default RESULTS_DIR/report.html)")
-    parser.add_argument("--compare", metavar="CSV",
-                        help="published results (model, stabilizer, lam, lr, weight_tying, final_loss) "
-                             "to tabulate and draw beside the local runs")
+        parser.add_argument("--html", metavar="FILE",
+                            help="the HTML file (default: DIR/report.html; `--out FILE` is its deprecated spelling)")
+    parser.add_argument("--compare", metavar="CSV", help=COMPARE_HELP)
 
 
 def _load(path: str):
@@ -58,7 +76,7 @@ def _figures(args: argparse.Namespace) -> int:
 
     res = _load(args.results_dir)
     published = _published(args.compare)
-    out = Path(args.out) if args.out else res.path / "figures"
+    out = Path(args.figures) if args.figures else res.path / "figures"
     written: list[Path] = []
     for d in draw_all(res.runs, res.curves, published):
         if d.fig is None:
@@ -93,7 +111,7 @@ def _report(args: argparse.Namespace) -> int:
 
     res = _load(args.results_dir)
     published = _published(args.compare)
-    out = Path(args.out) if args.out else res.path / "report.html"
+    out = Path(args.html) if args.html else res.path / "report.html"
     path = write_report(res, out, published)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); open it in a browser")
     return 0
@@ -102,7 +120,7 @@ def _report(args: argparse.Namespace) -> int:
 def _leaderboard(args: argparse.Namespace) -> int:
     from .leaderboard import leaderboard, to_text
 
-    return _emit(to_text(leaderboard([_load(d) for d in args.dirs])), args.out)
+    return _emit(to_text(leaderboard([_load(d) for d in args.dirs])), args.markdown)
 
 
 def _emit(text: str, out: str | None) -> int:
@@ -120,7 +138,31 @@ def _claims(args: argparse.Namespace) -> int:
 
     res = _load(args.results_dir)
     lam = _load(args.lambda_dir).runs if args.lambda_dir else None
-    return _emit(markdown(res.runs, lam, _published(args.compare), lr_max=args.lr_max), args.out)
+    return _emit(markdown(res.runs, lam, _published(args.compare), lr_max=args.lr_max), args.markdown)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    import os
+
+    from bench.errors import UsageError
+
+    from . import compare as cmp
+    from .figures import save_figure
+
+    if len(args.dirs) < 2:
+        raise UsageError(f"compare needs two or more results directories, got {len(args.dirs)}")
+    results = [_load(d) for d in args.dirs]
+    labels = cmp.folder_labels(args.dirs)
+    cmp.check_protocols(results, labels)  # before anything is written
+    c = cmp.compare(results, labels)
+    text = cmp.markdown(c, cmp.protocol_settings(results[0].runs))
+    out = Path(args.figures) if args.figures else Path(os.path.commonpath([Path(d).resolve().parent
+                                                                             for d in args.dirs]))
+    written = save_figure(cmp.figure(c), out, "compare", formats=("png",))
+    _emit(text, args.markdown)
+    for p in written:
+        print(f"wrote {p}")
+    return 0
 
 
 def main(name: str, args: argparse.Namespace) -> int:
@@ -128,4 +170,5 @@ def main(name: str, args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")  # headless: never open a window
-    return {"figures": _figures, "report": _report, "leaderboard": _leaderboard, "claims": _claims}[name](args)
+    return {"figures": _figures, "report": _report, "leaderboard": _leaderboard, "claims": _claims,
+            "compare": _compare}[name](args)

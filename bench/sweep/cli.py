@@ -5,55 +5,68 @@ import argparse
 import errno
 from pathlib import Path
 
-from .storage import STORAGE_ENV
+STORAGE_ENV = "STABENCH_STORAGE"  # = storage.STORAGE_ENV (a test checks); not imported: it needs optuna
 
-STORAGE_HELP = (f"Optuna storage: a journal file path (default: <out>/journal.log), or a database URL "
-                f"such as postgresql://user:PASSWORD@host/db (default: ${STORAGE_ENV}, which keeps the "
-                "password off the command line)")
+STORAGE_HELP = (f"Optuna storage: a journal file path, or a database URL such as "
+                f"postgresql://user:PASSWORD@host/db (default: ${STORAGE_ENV} if set, else the journal file "
+                "<out>/journal.log; the variable keeps the password off the command line)")
+SWEEP_FILE_HELP = "the sweep file (see sweeps/; `--sweep FILE.toml` is its deprecated spelling)"
+OUT_HELP = "results directory (default: results/<sweep name>, the sweep file's name)"
 
 
 def configure(name: str, p: argparse.ArgumentParser) -> None:
     if name == "sweep":
-        p.add_argument("file", metavar="FILE.toml", help="sweep file (see sweeps/)")
-        p.add_argument("--workers", type=int, default=None,
-                       help="worker processes (default: one per core, or one per GPU)")
-        p.add_argument("--storage", default=None, help=STORAGE_HELP)
-        p.add_argument("--out", default=None, help="results directory (default results/<sweep name>)")
+        p.add_argument("file", metavar="FILE.toml", help="the sweep file (see sweeps/)")
+        p.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="worker processes, >= 1 (default: one per core, or one per GPU)")
+        p.add_argument("--storage", default=None, metavar="URL|FILE", help=STORAGE_HELP)
+        p.add_argument("--out", default=None, metavar="DIR", help=OUT_HELP)
     elif name == "worker":
-        p.add_argument("--sweep", required=True, metavar="FILE.toml", help="sweep file")
-        p.add_argument("--storage", default=None, help=STORAGE_HELP)
-        p.add_argument("--out", default=None, help="results directory (default results/<sweep name>); "
-                       "shared by all workers")
-        p.add_argument("--threads", type=int, default=None,
-                       help="intra-op threads for training (default: torch's, all usable cores)")
+        p.add_argument("file", metavar="FILE.toml", help=SWEEP_FILE_HELP)
+        p.add_argument("--storage", default=None, metavar="URL|FILE", help=STORAGE_HELP)
+        p.add_argument("--out", default=None, metavar="DIR", help=OUT_HELP + "; shared by all workers")
+        p.add_argument("--threads", type=int, default=None, metavar="N",
+                       help="intra-op threads for training, >= 1 (default: torch's, all usable cores)")
         p.add_argument("--wait", action="store_true",
-                       help="stay until no trial is running anywhere (to retry those of workers that die)")
-        p.add_argument("--max-trials", type=int, default=None, help="leave after claiming this many trials")
+                       help="stay until no trial is running anywhere, to retry those of workers that die "
+                            "(default: leave when nothing is queued)")
+        p.add_argument("--max-trials", type=int, default=None, metavar="N",
+                       help="leave after claiming N trials (default: no limit)")
         p.add_argument("--no-enqueue", dest="enqueue", action="store_false",
-                       help="only take trials already queued (do not queue the sweep's missing points)")
+                       help="only take trials already queued (default: queue the sweep's missing points first)")
     elif name == "status":
-        p.add_argument("target", metavar="SWEEP", help="results directory (results/<name>) or sweep file")
-        p.add_argument("--storage", default=None, help=STORAGE_HELP)
-        p.add_argument("--out", default=None, help="results directory when SWEEP is a file")
-        p.add_argument("--full", action="store_true", help="print each failure's traceback")
+        p.add_argument("target", metavar="DIR|FILE.toml",
+                       help="results directory (results/<sweep name>) or sweep file")
+        p.add_argument("--storage", default=None, metavar="URL|FILE", help=STORAGE_HELP)
+        p.add_argument("--out", default=None, metavar="DIR",
+                       help="results directory when the target is a sweep file (default: results/<sweep name>)")
+        p.add_argument("--full", action="store_true",
+                       help="print each failure's traceback (default: its last line)")
     elif name == "launch":
-        p.add_argument("backend", choices=["slurm"], help="cluster scheduler")
-        p.add_argument("--sweep", required=True, metavar="FILE.toml", help="sweep file")
-        p.add_argument("--storage", default=None, help=STORAGE_HELP)
-        p.add_argument("--array", type=int, required=True, metavar="N", help="array tasks (workers)")
-        p.add_argument("--results", default=None, metavar="DIR",
-                       help="results directory on the shared file system (default results/<sweep name>)")
-        p.add_argument("--out", default=None, metavar="SCRIPT",
-                       help="where to write the script (default <results>/trials/slurm.sh)")
-        p.add_argument("--submit", action="store_true", help="also submit it with sbatch")
-        p.add_argument("--time", default="24:00:00", help="time limit per task (default 24:00:00)")
-        p.add_argument("--partition", default=None)
-        p.add_argument("--account", default=None)
-        p.add_argument("--gpus", type=int, default=None, help="GPUs per task (default 1 for device=cuda)")
-        p.add_argument("--cpus", type=int, default=None, help="CPU cores per task (default 8 with a GPU, else 1)")
-        p.add_argument("--mem", default=None, help="memory per task, e.g. 64G")
-        p.add_argument("--max-parallel", type=int, default=None, help="at most N tasks at once")
-        p.add_argument("--setup", default="", help="shell lines before the worker (module load …; source venv)")
+        p.add_argument("backend", choices=["slurm"], help="cluster scheduler; one of %(choices)s")
+        p.add_argument("file", metavar="FILE.toml", help=SWEEP_FILE_HELP)
+        p.add_argument("--storage", default=None, metavar="URL|FILE", help=STORAGE_HELP)
+        p.add_argument("--array", type=int, required=True, metavar="N",
+                       help="array tasks, i.e. workers, >= 1 (required)")
+        p.add_argument("--out", default=None, metavar="DIR",
+                       help=OUT_HELP + ", on the shared file system (`--results DIR` is its deprecated spelling)")
+        p.add_argument("--script", default=None, metavar="FILE",
+                       help="where to write the sbatch script (default: <out>/trials/slurm.sh)")
+        p.add_argument("--submit", action="store_true", help="also submit it with sbatch (default: only write it)")
+        p.add_argument("--time", default="24:00:00", metavar="HH:MM:SS",
+                       help="wall-clock limit per task (default: %(default)s)")
+        p.add_argument("--partition", default=None, help="Slurm partition (default: the cluster's default)")
+        p.add_argument("--account", default=None, help="Slurm account (default: yours)")
+        p.add_argument("--gpus", type=int, default=None, metavar="N",
+                       help="GPUs per task (default: 1 when the sweep's device is cuda, else 0)")
+        p.add_argument("--cpus", type=int, default=None, metavar="N",
+                       help="CPU cores per task (default: 8 with a GPU, else 1)")
+        p.add_argument("--mem", default=None, metavar="SIZE",
+                       help="memory per task, e.g. 64G (default: the partition's)")
+        p.add_argument("--max-parallel", type=int, default=None, metavar="N",
+                       help="at most N tasks at once (default: no limit)")
+        p.add_argument("--setup", default="", metavar="SHELL",
+                       help="shell lines run before the worker, e.g. 'source .venv/bin/activate' (default: none)")
 
 
 def _out(spec, out: str | None) -> Path:
@@ -108,7 +121,7 @@ def _main(name: str, args: argparse.Namespace) -> int:
         print(render(locate(args.target, args.storage, args.out), full_errors=args.full).rstrip("\n"))
         return 0
     # validated before anything runs (every trial; launch: not against this machine, the workers check that)
-    spec = load_spec(args.sweep if name in ("worker", "launch") else args.file, check_machine=name != "launch")
+    spec = load_spec(args.file, check_machine=name != "launch")
     if name == "sweep":
         from .local import run_local
         _positive("--workers", args.workers)
@@ -121,17 +134,17 @@ def _main(name: str, args: argparse.Namespace) -> int:
         out = _out(spec, args.out)
         report = run_worker(spec, args.storage, out, threads=args.threads, enqueue=args.enqueue,
                             wait=args.wait, max_trials=args.max_trials,
-                            on_ready=lambda: record_sweep_file(args.sweep, spec, out))
+                            on_ready=lambda: record_sweep_file(args.file, spec, out))
         return 1 if report.failed else 0
     if name == "launch":
         from .slurm import SlurmOptions, slurm_script, submit
         from .storage import mask_url
-        out = _out(spec, args.results)
+        out = _out(spec, args.out)
         opts = SlurmOptions(array=args.array, time=args.time, partition=args.partition, account=args.account,
                             gpus=args.gpus, cpus=args.cpus, mem=args.mem, max_parallel=args.max_parallel,
                             setup=args.setup)
-        text = slurm_script(spec, args.sweep, args.storage, out, opts)
-        script = Path(args.out) if args.out else out / "trials" / "slurm.sh"
+        text = slurm_script(spec, args.file, args.storage, out, opts)
+        script = Path(args.script) if args.script else out / "trials" / "slurm.sh"
         script.parent.mkdir(parents=True, exist_ok=True)
         (out / "trials").mkdir(parents=True, exist_ok=True)  # sbatch needs the log directory to exist
         script.write_text(text)
@@ -140,7 +153,7 @@ def _main(name: str, args: argparse.Namespace) -> int:
               f" (storage {mask_url(args.storage) if args.storage else 'journal ' + str(out / 'journal.log')})")
         if args.submit:
             job = submit(script, args.storage)
-            print(f"submitted Slurm job {job}; watch it with: stabench status {args.sweep} --out {out}")
+            print(f"submitted Slurm job {job}; watch it with: stabench status {args.file} --out {out}")
         else:
             print(f"submit it on the cluster with: {STORAGE_ENV}='<storage URL>' sbatch {script}")
         return 0

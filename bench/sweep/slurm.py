@@ -69,7 +69,7 @@ def slurm_script(spec: SweepSpec, sweep_file: str | Path, storage_url: str | Non
     else:
         storage_line = f'export {STORAGE_ENV}="${{{STORAGE_ENV}:-{url}}}"'
     threads = '--threads "${SLURM_CPUS_PER_TASK}"' if not gpus else ""
-    worker = (f"{shlex.quote(_stabench())} worker --sweep {shlex.quote(str(Path(sweep_file).resolve()))}"
+    worker = (f"{shlex.quote(_stabench())} worker {shlex.quote(str(Path(sweep_file).resolve()))}"
               f" --out {shlex.quote(str(out))} {threads}").rstrip()
     lines = [
         "#!/bin/bash",
