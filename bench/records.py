@@ -319,3 +319,6 @@ def schema_markdown() -> str:
         lines += [f"| `{n}` | {t} | {d} |" for n, t, d in cols]
         lines.append("")
     return "\n".join(lines)
+
+
+read_table_or_none = _readable  # public name: the table in a Parquet file, or None (missing or set aside)

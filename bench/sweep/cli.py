@@ -21,6 +21,10 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
                        help="worker processes, >= 1 (default: one per core, or one per GPU)")
         p.add_argument("--storage", default=None, metavar="URL|FILE", help=STORAGE_HELP)
         p.add_argument("--out", default=None, metavar="DIR", help=OUT_HELP)
+        p.add_argument("--force-new-protocol", action="store_true",
+                       help="the sweep's [train] settings differ from the runs already in its study or results "
+                            "directory: start a new study <name>-<protocol hash> there, its rows kept apart "
+                            "(default: refuse, naming the changed settings)")
     elif name == "worker":
         p.add_argument("file", metavar="FILE.toml", help=SWEEP_FILE_HELP)
         p.add_argument("--storage", default=None, metavar="URL|FILE", help=STORAGE_HELP)
@@ -34,6 +38,10 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
                        help="leave after claiming N trials (default: no limit)")
         p.add_argument("--no-enqueue", dest="enqueue", action="store_false",
                        help="only take trials already queued (default: queue the sweep's missing points first)")
+        p.add_argument("--force-new-protocol", action="store_true",
+                       help="the sweep's [train] settings differ from the runs already in its study or results "
+                            "directory: start a new study <name>-<protocol hash> there, its rows kept apart "
+                            "(default: refuse, naming the changed settings)")
     elif name == "status":
         p.add_argument("target", metavar="DIR|FILE.toml",
                        help="results directory (results/<sweep name>) or sweep file")
@@ -67,6 +75,10 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
                        help="at most N tasks at once (default: no limit)")
         p.add_argument("--setup", default="", metavar="SHELL",
                        help="shell lines run before the worker, e.g. 'source .venv/bin/activate' (default: none)")
+        p.add_argument("--force-new-protocol", action="store_true",
+                       help="the sweep's [train] settings differ from the runs already in its study or results "
+                            "directory: start a new study <name>-<protocol hash> there, its rows kept apart "
+                            "(default: refuse, naming the changed settings)")
 
 
 def _out(spec, out: str | None) -> Path:
@@ -122,16 +134,19 @@ def _main(name: str, args: argparse.Namespace) -> int:
         return 0
     # validated before anything runs (every trial; launch: not against this machine, the workers check that)
     spec = load_spec(args.file, check_machine=name != "launch")
+    out = _out(spec, args.out)  # the results directory keeps the file's name under --force-new-protocol
+    if args.force_new_protocol:
+        from ..config import protocol_fingerprint
+        spec = spec.renamed(f"{spec.name}-{protocol_fingerprint(spec.protocol)}")
     if name == "sweep":
         from .local import run_local
         _positive("--workers", args.workers)
-        out = _out(spec, args.out)  # the sweep file is recorded once the storage is open and the grid queued
+        # the sweep file is recorded once the storage is open and the grid queued
         p = run_local(spec, args.storage, out, args.workers, on_ready=lambda: record_sweep_file(args.file, spec, out))
         return 1 if p.failed else 0
     if name == "worker":
         from .worker import run_worker
         _positive("--threads", args.threads)
-        out = _out(spec, args.out)
         report = run_worker(spec, args.storage, out, threads=args.threads, enqueue=args.enqueue,
                             wait=args.wait, max_trials=args.max_trials,
                             on_ready=lambda: record_sweep_file(args.file, spec, out))
@@ -139,10 +154,9 @@ def _main(name: str, args: argparse.Namespace) -> int:
     if name == "launch":
         from .slurm import SlurmOptions, slurm_script, submit
         from .storage import mask_url
-        out = _out(spec, args.out)
         opts = SlurmOptions(array=args.array, time=args.time, partition=args.partition, account=args.account,
                             gpus=args.gpus, cpus=args.cpus, mem=args.mem, max_parallel=args.max_parallel,
-                            setup=args.setup)
+                            setup=args.setup, force_new_protocol=args.force_new_protocol)
         text = slurm_script(spec, args.file, args.storage, out, opts)
         script = Path(args.script) if args.script else out / "trials" / "slurm.sh"
         script.parent.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ class SlurmOptions:
     mem: str | None = None  # e.g. "32G"
     max_parallel: int | None = None  # at most this many tasks at once (array "%N")
     setup: str = ""  # shell lines run before the worker (module load, venv activation)
+    force_new_protocol: bool = False  # workers start the sweep's study under a new protocol (see worker --help)
 
 
 def _stabench() -> str:
@@ -70,7 +71,8 @@ def slurm_script(spec: SweepSpec, sweep_file: str | Path, storage_url: str | Non
         storage_line = f'export {STORAGE_ENV}="${{{STORAGE_ENV}:-{url}}}"'
     threads = '--threads "${SLURM_CPUS_PER_TASK}"' if not gpus else ""
     worker = (f"{shlex.quote(_stabench())} worker {shlex.quote(str(Path(sweep_file).resolve()))}"
-              f" --out {shlex.quote(str(out))} {threads}").rstrip()
+              f" --out {shlex.quote(str(out))} {threads}"
+              + (" --force-new-protocol" if opts.force_new_protocol else "")).rstrip()
     lines = [
         "#!/bin/bash",
         f"# Sweep {spec.name} ({sweep_file}): {opts.array} Slurm array task(s), one stabench worker each.",

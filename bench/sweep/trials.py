@@ -111,10 +111,11 @@ def _study_protocol(study: optuna.Study, spec: SweepSpec) -> dict[str, Any] | No
 def _recorded_protocol(out: Path, spec: SweepSpec) -> dict[str, Any] | None:
     """The protocol of the runs of sweep ``spec.name`` already in ``out/runs.parquet`` (the first
     one that differs from this sweep's, if any), or None."""
-    merged = out / "runs.parquet"
-    if not merged.exists():
+    from .. import records
+
+    table = records.read_table_or_none(out / "runs.parquet", columns=["sweep", "config"])
+    if table is None:
         return None
-    table = pq.read_table(merged, columns=["sweep", "config"])
     new = _jsonable_tree(spec.protocol)
     first = None
     for sweep, config in set(zip(table.column("sweep").to_pylist(), table.column("config").to_pylist())):

@@ -209,7 +209,7 @@ def pack_size(spec: SweepSpec, cfg: RunConfig) -> int:
 
 def run_worker(spec: SweepSpec, storage_url: str | None, out: Path, *, threads: int | None = None,
                gpu: int | None = None, enqueue: bool = True, wait: bool = False,
-               stream: TextIO | None = sys.stdout, max_trials: int | None = None,
+               stream: TextIO | None | str = "stdout", max_trials: int | None = None,
                on_ready: Callable[[], None] | None = None) -> WorkerReport:
     """Work on a sweep until nothing is queued (``wait``: until nothing is queued or running).
 
@@ -224,7 +224,7 @@ def run_worker(spec: SweepSpec, storage_url: str | None, out: Path, *, threads: 
         if torch.cuda.is_available():
             torch.cuda.set_device(gpu % torch.cuda.device_count())
     storage = open_storage(storage_url, Path(out), spec.execution)
-    log = Log(stream, storage.url)
+    log = Log(sys.stdout if stream == "stdout" else stream, storage.url)  # sys.stdout as it is now
     queue = TrialQueue(spec, storage, Path(out))
     if enqueue:
         added = queue.enqueue()
