@@ -10,10 +10,15 @@ A finished run writes its part files (temp file + atomic rename), then merges al
 parts with the existing merged files under an exclusive file lock, so concurrent
 writers never lose or duplicate a row (a run id appears at most once; the newest
 part wins). Every file carries ``schema_version`` in its Parquet metadata.
+
+Schema versions: 1 had ``started_at`` as an ISO 8601 string and no ``final_loss_clipped``;
+2 stores ``started_at`` as ``timestamp[us, tz=UTC]`` and adds ``final_loss_clipped``. Files of
+version 1 are upgraded when read (:func:`read_runs`) and when merged with newer rows.
 """
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import socket
 from contextlib import contextmanager
@@ -24,7 +29,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # (column, type, unit / definition) — the single source of the schema and its documentation.
 RUN_COLUMNS: list[tuple[str, pa.DataType, str]] = [
@@ -50,6 +55,8 @@ RUN_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("L0", pa.float64(), "loss at initialization ln V (nats)"),
     ("final_loss", pa.float64(), "final validation cross-entropy, no regularization term (nats); "
                                  "at the stopping step for a diverged run; may be NaN/inf"),
+    ("final_loss_clipped", pa.float64(), "min(final_loss, L0); L0 for a diverged run or a non-finite loss "
+                                         "(nats): the loss every table and the LRS formula use"),
     ("best_val_loss", pa.float64(), "lowest validation cross-entropy over all evaluations (nats)"),
     ("diverged", pa.bool_(), "run stopped by the divergence rules"),
     ("diverged_step", pa.int64(), "step at which divergence was detected (null if not diverged)"),
@@ -72,7 +79,8 @@ RUN_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("torch_version", pa.string(), "torch.__version__"),
     ("stabench_version", pa.string(), "bench.__version__"),
     ("git_commit", pa.string(), "commit of the stabench checkout ('' if unknown)"),
-    ("started_at", pa.string(), "UTC start time, ISO 8601"),
+    ("started_at", pa.timestamp("us", tz="UTC"), "start time (UTC); an ISO 8601 string in schema 1 files, "
+                                                 "converted when read"),
     ("config", pa.string(), "the full resolved RunConfig, JSON"),
     ("schema_version", pa.int64(), "version of this schema"),
 ]
@@ -95,7 +103,41 @@ CURVES_SCHEMA = pa.schema([(n, t) for n, t, _ in CURVE_COLUMNS],
                           metadata={"schema_version": str(SCHEMA_VERSION)})
 
 
+def clipped_final_loss(final_loss: Any, L0: Any, diverged: Any = False) -> float:
+    """``final_loss_clipped``: min(final_loss, L0); L0 when the run diverged or the loss is not finite."""
+    L0 = float(L0) if L0 is not None else math.nan
+    try:
+        loss = float(final_loss) if final_loss is not None else math.nan
+    except (TypeError, ValueError):
+        loss = math.nan
+    if bool(diverged) or not math.isfinite(loss):
+        return L0
+    return min(loss, L0)
+
+
+def _utc_timestamps(values: Any) -> pd.Series:
+    """ISO 8601 strings (with or without an offset; naive ones are taken as UTC), datetimes or
+    nulls as a tz-aware UTC datetime series (unparseable values become NaT)."""
+    s = pd.Series(values, dtype=object) if not isinstance(values, pd.Series) else values
+    if isinstance(s.dtype, pd.DatetimeTZDtype):
+        return s.dt.tz_convert("UTC")
+    return pd.to_datetime(s, utc=True, errors="coerce", format="ISO8601")
+
+
+def complete_run(run: dict[str, Any]) -> dict[str, Any]:
+    """A runs.parquet row with its derived columns: ``final_loss_clipped`` (when missing) and
+    ``started_at`` as a UTC datetime (the trainer passes an ISO 8601 string)."""
+    out = dict(run)
+    if out.get("final_loss_clipped") is None:
+        out["final_loss_clipped"] = clipped_final_loss(out.get("final_loss"), out.get("L0"), out.get("diverged"))
+    ts = _utc_timestamps([out.get("started_at")]).iloc[0]
+    out["started_at"] = None if pd.isna(ts) else ts.to_pydatetime()
+    return out
+
+
 def _table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    if schema.names == RUNS_SCHEMA.names:
+        rows = [complete_run(r) for r in rows]
     cols = {name: [r.get(name) for r in rows] for name in schema.names}
     return pa.table(cols, schema=schema)
 
@@ -219,9 +261,9 @@ def _parts(out: Path, kind: str) -> list[Path]:
 def _merge(out: Path, kind: str, schema: pa.Schema) -> None:
     tables, ids = [], set()
     for p in _parts(out, kind):
-        table = _readable(p, schema)
+        table = _readable(p)
         if table is not None:
-            tables.append(table)
+            tables.append(_conform(table, schema))  # an older schema's part is upgraded
             ids.add(p.stem)
     merged = out / f"{kind}.parquet"
     old = _readable(merged)
@@ -235,10 +277,45 @@ def _merge(out: Path, kind: str, schema: pa.Schema) -> None:
 
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """Add columns a newer schema has (as nulls) so older files still merge."""
+    """An older file's table in ``schema``: columns it lacks added (as nulls, or derived: a run's
+    ``final_loss_clipped``), a string ``started_at`` parsed (schema 1), so older files still merge."""
+    if schema.names == RUNS_SCHEMA.names and table.num_rows:
+        names = table.column_names
+        if "started_at" in names and not pa.types.is_timestamp(table["started_at"].type):
+            ts = _utc_timestamps(table["started_at"].to_pylist()).astype("datetime64[us, UTC]")
+            table = table.set_column(names.index("started_at"), "started_at",
+                                     pa.array(ts, type=pa.timestamp("us", tz="UTC"), from_pandas=True))
+        if {"final_loss", "L0"} <= set(names):
+            have = table["final_loss_clipped"].to_pylist() if "final_loss_clipped" in names else [None] * table.num_rows
+            div = table["diverged"].to_pylist() if "diverged" in names else [False] * table.num_rows
+            clipped = [h if h is not None else clipped_final_loss(f, l0, d) for h, f, l0, d in
+                       zip(have, table["final_loss"].to_pylist(), table["L0"].to_pylist(), div)]
+            col = pa.array(clipped, type=pa.float64())
+            table = (table.set_column(names.index("final_loss_clipped"), "final_loss_clipped", col)
+                     if "final_loss_clipped" in names else table.append_column("final_loss_clipped", col))
     cols = [table[n].cast(t) if n in table.column_names else pa.nulls(len(table), t)
             for n, t in zip(schema.names, schema.types)]
     return pa.table(cols, schema=schema)
+
+
+def _upgrade_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """Runs of an older schema as the current one: ``started_at`` a UTC timestamp and
+    ``final_loss_clipped`` filled where missing. Returns ``df`` itself when nothing changes."""
+    if "started_at" in df.columns and not isinstance(df["started_at"].dtype, pd.DatetimeTZDtype):
+        df = df.assign(started_at=_utc_timestamps(df["started_at"]).astype("datetime64[us, UTC]"))
+    if {"final_loss", "L0"} <= set(df.columns):
+        missing = df["final_loss_clipped"].isna() if "final_loss_clipped" in df.columns else None
+        if missing is None or missing.any():
+            diverged = df["diverged"] if "diverged" in df.columns else pd.Series(False, index=df.index)
+            computed = [clipped_final_loss(f, l0, d) for f, l0, d in
+                        zip(df["final_loss"], df["L0"], diverged.fillna(False))]
+            clipped = pd.Series(computed, index=df.index, dtype=float)
+            df = df.assign(final_loss_clipped=clipped if missing is None else df["final_loss_clipped"].fillna(clipped))
+            if missing is None:  # keep the schema's column order: right after final_loss
+                cols = [c for c in df.columns if c != "final_loss_clipped"]
+                cols.insert(cols.index("final_loss") + 1, "final_loss_clipped")
+                df = df[cols]
+    return df
 
 
 def merge_parts(out_dir: str | Path) -> None:
@@ -300,9 +377,11 @@ def recorded_run(out_dir: str | Path, run_id: str) -> dict[str, Any] | None:
 
 
 def read_runs(out_dir: str | Path) -> pd.DataFrame:
+    """OUT/runs.parquet as a frame in the current schema (rebuilt from its parts if needed; older
+    files upgraded: see :func:`_upgrade_runs`)."""
     ensure_merged(out_dir)
     table = _readable(Path(out_dir) / "runs.parquet")
-    return table.to_pandas() if table is not None else _table([], RUNS_SCHEMA).to_pandas()
+    return _upgrade_runs(table.to_pandas()) if table is not None else _table([], RUNS_SCHEMA).to_pandas()
 
 
 def read_curves(out_dir: str | Path) -> pd.DataFrame:

@@ -24,8 +24,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from .metrics import lrs_table, stats_vs_lr
-from .palette import LINESTYLES, MARKERS, shades, stabilizer_colors
-from .results import format_value, model_order, prepare_runs, setting_order, stabilizer_label, stabilizer_order
+from .palette import LINESTYLES, MARKERS, stabilizer_colors
+from .results import HP_SYMBOLS, format_value, model_order, prepare_runs, setting_order, stabilizer_label, stabilizer_order
 
 LR_LABEL = "peak learning rate (log scale)"
 LOSS_LABEL = "final validation loss (nats)"
@@ -130,32 +130,71 @@ def _l0_line(ax, L0: float) -> None:
 
 
 def _loss_top(loss: np.ndarray, failed: np.ndarray, L0: float) -> float:
-    """Top of a loss axis: L0 when it is within 3 nats of the best loss, else best + 2 nats
-    (so a large vocabulary's L0 ≈ 10.8 does not squash curves near 3; points above are clipped)."""
+    """Top of the linear part of a loss axis: L0 when it is within 3 nats of the best loss, else
+    best + 2 nats (so a large vocabulary's L0 ≈ 10.8 does not squash curves near 3). Above it the
+    axis is compressed up to L0 (:func:`_loss_axis`), so nothing is clipped."""
     ok = loss[~failed & np.isfinite(loss)]
     best = float(ok.min()) if ok.size else L0
     return L0 if L0 <= best + 3.0 else best + 2.0
 
 
-def _plot_loss_curve(ax, lr: np.ndarray, loss: np.ndarray, failed: np.ndarray, top: float, se: np.ndarray | None,
-                     **line_kw) -> Line2D:
-    """A treated-loss curve: points above ``top`` drawn at the edge (▲), failed points as ×."""
+BAND = 0.18
+"""Height of the compressed band [top, L0] of a loss axis, as a fraction of the linear part."""
+BAND_COLOR = "#efe9dc"
+DIVERGED_LABEL = "L0 = ln V: diverged / non-finite (×)"
+
+
+def _loss_axis(axes, bottom: float, top: float, L0: float) -> bool:
+    """Loss axes that always show L0: linear up to ``top``; when L0 > ``top`` the range [top, L0] is
+    squeezed into a shaded band of height :data:`BAND` (a broken axis on one Axes), so a diverged run
+    sits at its true value L0 and a loss between ``top`` and L0 at its (compressed) true value.
+    Returns True when the axis is broken."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator
+
+    axes = [ax for ax in np.ravel(axes)]
+    broken = L0 > top + 1e-9
+    ticks = [t for t in MaxNLocator(nbins=5).tick_values(bottom, top) if bottom - 1e-9 <= t <= top + 1e-9]
+    if broken:
+        k = BAND * (top - bottom) / (L0 - top)
+
+        def fwd(y):
+            y = np.asarray(y, dtype=float)
+            return np.where(y <= top, y, top + (y - top) * k)
+
+        def inv(z):
+            z = np.asarray(z, dtype=float)
+            return np.where(z <= top, z, top + (z - top) / k)
+
+    for ax in axes:
+        if broken:
+            ax.set_yscale("function", functions=(fwd, inv))
+            ax.axhspan(top, L0, color=BAND_COLOR, zorder=0, linewidth=0)
+            ax.axhline(top, color="0.55", linewidth=0.8, linestyle=(0, (1, 1.5)), zorder=1)
+        ax.set_ylim(bottom, L0 + (0.03 * (L0 - bottom) if not broken else 0.25 * (L0 - top)))
+        ax.yaxis.set_major_locator(FixedLocator(ticks + ([L0] if broken or all(abs(t - L0) > 0.2 for t in ticks)
+                                                         else [])))
+        ax.yaxis.set_minor_locator(FixedLocator([]))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"L0 {v:.2f}" if abs(v - L0) < 1e-9 else f"{v:g}"))
+    return broken
+
+
+def _plot_loss_curve(ax, lr: np.ndarray, loss: np.ndarray, failed: np.ndarray, L0: np.ndarray | float,
+                     se: np.ndarray | None, **line_kw) -> Line2D:
+    """A treated-loss curve at its true values; failed points (diverged / non-finite) at L0 as ×."""
     order = np.argsort(lr)
     lr, loss, failed = lr[order], loss[order], failed[order]
-    shown = np.minimum(loss, top)
+    L0 = np.broadcast_to(np.asarray(L0, dtype=float), loss.shape)[order] if np.ndim(L0) else np.full(loss.shape, L0)
+    shown = np.where(failed, L0, np.minimum(loss, L0))
     (line,) = ax.plot(lr, shown, markersize=4.5, linewidth=1.6, **line_kw)
     color = line.get_color()
     if se is not None:
         se = se[order]
-        ok = np.isfinite(se)
-        ax.fill_between(lr[ok], np.minimum(loss - se, top)[ok], np.minimum(loss + se, top)[ok], color=color,
-                        alpha=0.15, linewidth=0)
-    clipped = (loss > top + 1e-9) & ~failed
-    if clipped.any():
-        ax.plot(lr[clipped], shown[clipped], linestyle="none", marker="^", color=color, markersize=7, clip_on=False)
+        ok = np.isfinite(se) & ~failed
+        ax.fill_between(lr[ok], (shown - se)[ok], np.minimum(shown + se, L0)[ok], color=color, alpha=0.15,
+                        linewidth=0)
     if failed.any():
         ax.plot(lr[failed], shown[failed], linestyle="none", marker="x", color=color, markersize=8,
-                markeredgewidth=2, clip_on=False)
+                markeredgewidth=2, clip_on=False, gid="diverged")
     return line
 
 
@@ -168,38 +207,41 @@ def _loss_by_lr(g: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _marker_legend(runs: pd.DataFrame, top: float) -> tuple[list, list[str]]:
-    """Legend entries for the L0 line, × (failed) and ▲ (clipped) — only those the figure shows."""
-    handles, labels = [], []
-    if top >= float(runs["L0"].min()) - 1e-9:
-        handles.append(Line2D([], [], color="0.45", linestyle=(0, (4, 3))))
-        labels.append("L0 = ln V (loss at init)")
-    if runs["failed"].any():
-        handles.append(Line2D([], [], color="0.3", marker="x", linestyle="none", markersize=7, markeredgewidth=2))
-        labels.append("diverged / non-finite (= L0)" if top >= float(runs["L0"].min()) - 1e-9
-                      else "diverged / non-finite (= L0, at the edge)")
-    if ((runs["loss"] > top + 1e-9) & ~runs["failed"]).any():
-        handles.append(Line2D([], [], color="0.3", marker="^", linestyle="none", markersize=6))
-        labels.append(f"above {top:.2f} nats (clipped to the edge)")
+def _marker_legend(runs: pd.DataFrame, broken: bool, top: float = math.nan) -> tuple[list, list[str]]:
+    """Legend entries for the L0 line with its × (diverged) and the compressed band."""
+    from matplotlib.patches import Patch
+
+    handles = [Line2D([], [], color="0.45", linestyle=(0, (4, 3)),
+                      **({"marker": "x", "markersize": 7, "markeredgewidth": 2, "markeredgecolor": "0.3"}
+                         if runs["failed"].any() else {}))]
+    labels = [DIVERGED_LABEL if runs["failed"].any() else "L0 = ln V (loss at init)"]
+    if broken:
+        handles.append(Patch(facecolor=BAND_COLOR, edgecolor="0.55", linewidth=0.6))
+        labels.append(f"axis compressed: {top:.2f} to L0" if math.isfinite(top) else "axis compressed up to L0")
     return handles, labels
 
 
 # -- figures --------------------------------------------------------------------------------
 
 def loss_vs_lr(runs: pd.DataFrame, title: str = "") -> Figure:
-    """Final loss vs learning rate: a panel per stabilizer setting, a line per model size."""
+    """Final loss vs learning rate: a panel per stabilizer setting, a line per model size.
+
+    Diverged / non-finite runs are drawn as × at L0 on the dashed L0 line; when L0 is far above the
+    best loss the axis is compressed (shaded band) between the top of the curves and L0."""
     runs = prepare_runs(runs)
     if runs["lr"].nunique() < 2:
         raise SkipFigure("needs at least two learning rates")
     settings = setting_order(runs)
     models = model_order(runs)
     colors, labels = model_colors(models), model_labels(runs)
-    top = _loss_top(runs["loss"].to_numpy(), runs["failed"].to_numpy(), float(runs["L0"].max()))
+    L0max = float(runs["L0"].max())
+    top = _loss_top(runs["loss"].to_numpy(), runs["failed"].to_numpy(), L0max)
     nrows = math.ceil(len(settings) / 4)
     ncols = math.ceil(len(settings) / nrows)  # balanced: 5 panels as 3 + 2, not 4 + 1
     with style():
         fig, axes = _figure(nrows, ncols, sharex=True, sharey=True)
         stab_colors = stabilizer_colors(runs["stabilizer"].unique())
+        lows = []
         for ax, s in zip(axes.flat, settings):
             sub = runs[runs["setting"] == s]
             for m in models:
@@ -207,17 +249,18 @@ def loss_vs_lr(runs: pd.DataFrame, title: str = "") -> Figure:
                 if g.empty:
                     continue
                 c = _loss_by_lr(g)
-                _plot_loss_curve(ax, c["lr"].to_numpy(), c["loss"].to_numpy(), c["failed"].to_numpy(), top,
-                                 c["se"].to_numpy() if (c["n"] > 1).any() else None, color=colors[m], marker="o")
+                lows.append(float((c["loss"] - c["se"].fillna(0)).min()))
+                _plot_loss_curve(ax, c["lr"].to_numpy(), c["loss"].to_numpy(), c["failed"].to_numpy(),
+                                 float(g["L0"].max()), c["se"].to_numpy() if (c["n"] > 1).any() else None,
+                                 color=colors[m], marker="o")
             for L0 in sub["L0"].unique():
                 _l0_line(ax, L0)
             ax.set_title(s, color=stab_colors[sub["stabilizer"].iloc[0]], fontweight="bold")
             ax.set_xscale("log")
         for ax in axes.flat[len(settings):]:
             ax.set_visible(False)
-        bottom = axes.flat[0].get_ylim()[0]
-        for ax in axes.flat:
-            ax.set_ylim(bottom, top + 0.04 * (top - bottom))
+        bottom = _loss_bottom(lows, top)
+        broken = _loss_axis(axes.flat[:len(settings)], bottom, top, L0max)
         for ax in axes[:, 0]:
             ax.set_ylabel(LOSS_LABEL)
         for ax in axes[-1, :]:
@@ -228,11 +271,18 @@ def loss_vs_lr(runs: pd.DataFrame, title: str = "") -> Figure:
                 ax.xaxis.set_tick_params(labelbottom=True)
         _lr_ticks(axes)
         handles = [Line2D([], [], color=colors[m], marker="o") for m in models]
-        extra_h, extra_l = _marker_legend(runs, top)
+        extra_h, extra_l = _marker_legend(runs, broken, top)
         _legend(fig, handles + extra_h, [labels[m] for m in models] + extra_l, title="model")
         if title:
             fig.suptitle(title)
     return fig
+
+
+def _loss_bottom(lows: list[float], top: float) -> float:
+    """Bottom of a loss axis: a little below the lowest point (or band) drawn."""
+    finite = [v for v in lows if math.isfinite(v)]
+    lo = min(finite) if finite else top - 1.0
+    return lo - 0.05 * max(top - lo, 0.5)
 
 
 def _per_setting_lines(ax, data: pd.DataFrame, value: str, styles: dict[str, dict]) -> None:
@@ -350,8 +400,21 @@ def lrs_vs_size(runs: pd.DataFrame, published: pd.DataFrame | None = None) -> Fi
     return fig
 
 
+VALUE_MARKERS = ("o", "s", "D", "^", "v", "P", "*", "h", "<", ">")
+"""Markers of hyperparameter values: none is reused, none looks like the × of a diverged run."""
+
+
+def value_colors(n: int) -> list[tuple[float, float, float]]:
+    """``n`` colours from viridis trimmed to [0, 0.82]: dark purple to green, every one readable on white."""
+    cmap = mpl.colormaps["viridis"]
+    return [tuple(cmap(x)[:3]) for x in (np.linspace(0.0, 0.82, n) if n > 1 else [0.0])]
+
+
 def lambda_sensitivity(runs: pd.DataFrame, title: str = "") -> Figure:
-    """Loss vs learning rate per λ: stabilizers with a hyperparameter grid side by side, a row per model."""
+    """Loss vs learning rate per λ: stabilizers with a hyperparameter grid side by side, a row per model.
+
+    A hyperparameter value has one colour (viridis, small → dark) and one marker in every panel, so the
+    same λ reads the same for z-loss and μ-loss. Diverged points are × at L0, as in :func:`loss_vs_lr`."""
     runs = prepare_runs(runs)
     scalar = runs[(runs["hp_name"] != "") & ~runs["hp_name"].str.contains(",")]
     counts = scalar.groupby("stabilizer")["hp_value"].nunique()
@@ -362,24 +425,27 @@ def lambda_sensitivity(runs: pd.DataFrame, title: str = "") -> Figure:
     labels = model_labels(runs)
     colors = stabilizer_colors(runs["stabilizer"].unique())
     sub_all = scalar[scalar["stabilizer"].isin(stabs)]
-    top = _loss_top(sub_all["loss"].to_numpy(), sub_all["failed"].to_numpy(), float(sub_all["L0"].max()))
+    L0max = float(sub_all["L0"].max())
+    top = _loss_top(sub_all["loss"].to_numpy(), sub_all["failed"].to_numpy(), L0max)
+    keys = sorted({(n, v) for n, v in zip(sub_all["hp_name"], sub_all["hp_value"])})  # (name, value)
+    vcol = dict(zip(keys, value_colors(len(keys))))
+    vmark = {k: VALUE_MARKERS[i % len(VALUE_MARKERS)] for i, k in enumerate(keys)}
     with style():
         fig, axes = _figure(len(models), len(stabs), panel=(4.0, 2.8), extra_w=2.6, sharex=True, sharey=True)
-        handles, leg_labels = [], []
+        lows = []
         for j, stab in enumerate(stabs):
-            values = sorted(scalar.loc[scalar["stabilizer"] == stab, "hp_value"].unique())
-            pal = shades(colors[stab], len(values))
-            name = scalar.loc[scalar["stabilizer"] == stab, "hp_name"].iloc[0]
-            sym = {"lam": "λ", "cap": "c"}.get(name, name)
+            mine = scalar[scalar["stabilizer"] == stab]
+            name = mine["hp_name"].iloc[0]
             for i, m in enumerate(models):
                 ax = axes[i, j]
-                for k, v in enumerate(values):
-                    g = scalar[(scalar["stabilizer"] == stab) & (scalar["model"] == m) & (scalar["hp_value"] == v)]
+                for v in sorted(mine["hp_value"].unique()):
+                    g = mine[(mine["model"] == m) & (mine["hp_value"] == v)]
                     if g.empty:
                         continue
                     c = _loss_by_lr(g)
-                    _plot_loss_curve(ax, c["lr"].to_numpy(), c["loss"].to_numpy(), c["failed"].to_numpy(), top,
-                                     None, color=pal[k], marker=MARKERS[k % len(MARKERS)])
+                    lows.append(float(c["loss"].min()))
+                    _plot_loss_curve(ax, c["lr"].to_numpy(), c["loss"].to_numpy(), c["failed"].to_numpy(),
+                                     float(g["L0"].max()), None, color=vcol[(name, v)], marker=vmark[(name, v)])
                 for L0 in runs.loc[runs["model"] == m, "L0"].unique():
                     _l0_line(ax, L0)
                 ax.set_xscale("log")
@@ -389,22 +455,35 @@ def lambda_sensitivity(runs: pd.DataFrame, title: str = "") -> Figure:
                     ax.set_ylabel(LOSS_LABEL)
                 if i == len(models) - 1:
                     ax.set_xlabel(LR_LABEL)
-            for k, v in enumerate(values):
-                handles.append(Line2D([], [], color=pal[k], marker=MARKERS[k % len(MARKERS)]))
-                leg_labels.append(f"{stabilizer_label(stab)} {sym}={format_value(v)}")
-        bottom = axes.flat[0].get_ylim()[0]
-        for ax in axes.flat:
-            ax.set_ylim(bottom, top + 0.04 * (top - bottom))
+        broken = _loss_axis(axes, _loss_bottom(lows, top), top, L0max)
         _lr_ticks(axes)
-        extra_h, extra_l = _marker_legend(sub_all, top)
+        handles = [Line2D([], [], color=vcol[k], marker=vmark[k]) for k in keys]
+        leg_labels = [f"{HP_SYMBOLS.get(n, n)} = {format_value(v)}" for n, v in keys]
+        extra_h, extra_l = _marker_legend(sub_all, broken, top)
         _legend(fig, handles + extra_h, leg_labels + extra_l, title="hyperparameter")
         if title:
             fig.suptitle(title)
     return fig
 
 
-def diverging_curves(runs: pd.DataFrame, curves: pd.DataFrame) -> Figure:
-    """Training loss vs step of every diverged run (from curves.parquet), coloured by stabilizer."""
+WORST_K = 5
+"""Diverged runs drawn individually per stabilizer panel in :func:`diverging_curves` (the rest thin grey)."""
+
+
+def _run_label(r) -> str:
+    """``micro, lr=3, seed 2`` preceded by what the setting adds to the stabilizer (``λ=1e-4, tied``)."""
+    extra = str(getattr(r, "setting", "")).replace(stabilizer_label(r.stabilizer), "", 1)
+    extra = extra.replace("(", "").replace(")", "").strip(" ,")
+    return ", ".join([*([extra] if extra else []), str(r.model), f"lr={r.lr:g}", f"seed {r.seed}"])
+
+
+def diverging_curves(runs: pd.DataFrame, curves: pd.DataFrame, worst: int = WORST_K) -> Figure:
+    """Training loss vs step of the diverged runs (from curves.parquet): a panel per stabilizer.
+
+    In each panel the ``worst`` runs (highest peak training loss; non-finite counts as highest) are
+    drawn in the stabilizer's colour, one line style and marker each, named in the panel's legend;
+    every other diverged run of that stabilizer is a thin grey line. × marks the step where divergence
+    was detected, on the curve."""
     runs = prepare_runs(runs)
     bad = runs[runs["failed"]]
     if bad.empty:
@@ -414,47 +493,82 @@ def diverging_curves(runs: pd.DataFrame, curves: pd.DataFrame) -> Figure:
     cur = curves[curves["run_id"].isin(bad["run_id"])]
     if cur.empty:
         raise SkipFigure("curves.parquet has no rows of the diverged runs")
+    bad = bad[bad["run_id"].isin(cur["run_id"])]
     colors = stabilizer_colors(runs["stabilizer"].unique())
-    styles = setting_styles(runs)
-    per_run = len(bad) <= 12
+    stabs = stabilizer_order(bad["stabilizer"].unique())
+    by_run = {rid: c.sort_values("step") for rid, c in cur.groupby("run_id", sort=False)}
+
+    def peak(rid: str) -> float:
+        y = by_run[rid]["train_loss"].to_numpy(dtype=float)
+        return math.inf if (~np.isfinite(y)).any() else float(np.max(y)) if y.size else -math.inf
+
+    ncols = min(len(stabs), 3)
+    nrows = math.ceil(len(stabs) / ncols)
+    log = _spans_decade(cur["train_loss"].abs())
     with style():
-        fig, axes = _figure(1, 1, panel=(6.0, 3.8), extra_w=3.4)
-        ax = axes[0, 0]
-        handles, labels = [], []
-        for r in bad.sort_values(["stabilizer", "hp", "lr", "seed"]).itertuples(index=False):
-            c = cur[cur["run_id"] == r.run_id].sort_values("step")
-            y = c["train_loss"].to_numpy(dtype=float)
-            y = np.where(np.isfinite(y) & (y > 0), y, np.nan)
-            st = styles[r.setting]
-            (line,) = ax.plot(c["step"], y, color=colors[r.stabilizer], linestyle=st["linestyle"],
-                              linewidth=1.3, alpha=0.85, marker=".")
-            if per_run:
+        fig, axes = _figure(nrows, ncols, panel=(4.3, 3.3), extra_w=2.6, sharex=True, sharey=True)
+        n_grey = 0
+        for ax, stab in zip(axes.flat, stabs):
+            mine = bad[bad["stabilizer"] == stab].copy()
+            mine["_peak"] = [peak(r) for r in mine["run_id"]]
+            mine = mine.sort_values(["_peak", "lr", "seed"], ascending=[False, False, True])
+            top_runs, rest = mine.head(worst), mine.iloc[worst:]
+            for r in rest.itertuples(index=False):
+                c = by_run[r.run_id]
+                y = c["train_loss"].to_numpy(dtype=float)
+                ax.plot(c["step"], np.where(np.isfinite(y) & (y > 0), y, np.nan), color="0.6", linewidth=0.7,
+                        alpha=0.6, zorder=2, gid="rest")
+            n_grey += len(rest)
+            handles, labels = [], []
+            for k, r in enumerate(top_runs.itertuples(index=False)):
+                c = by_run[r.run_id]
+                y = c["train_loss"].to_numpy(dtype=float)
+                y = np.where(np.isfinite(y) & (y > 0), y, np.nan)
+                (line,) = ax.plot(c["step"], y, color=colors[stab], linestyle=LINESTYLES[k % len(LINESTYLES)],
+                                  marker=VALUE_MARKERS[k % len(VALUE_MARKERS)], markersize=3.5, linewidth=1.5,
+                                  zorder=3, gid="worst")
                 handles.append(line)
-                labels.append(f"{r.setting}, {r.model}, lr={r.lr:g}, seed {r.seed}")
-            dstep = getattr(r, "diverged_step", None)
-            ok = np.isfinite(y)
-            if dstep is not None and not pd.isna(dstep) and ok.any():  # on the curve, between logged steps
-                y_at = np.exp(np.interp(dstep, c["step"].to_numpy()[ok], np.log(y[ok])))
-                ax.plot([dstep], [y_at], marker="x", color=colors[r.stabilizer], markersize=8,
-                        markeredgewidth=2, linestyle="none")
-        for L0 in bad["L0"].unique():
-            _l0_line(ax, L0)
-        if not per_run:
-            for stab in stabilizer_order(bad["stabilizer"].unique()):
-                handles.append(Line2D([], [], color=colors[stab]))
-                labels.append(stabilizer_label(stab))
-        handles += [Line2D([], [], color="0.45", linestyle=(0, (4, 3))),
-                    Line2D([], [], color="0.3", marker="x", linestyle="none", markeredgewidth=2)]
-        labels += ["L0 = ln V", "divergence detected (step)"]
-        log = _spans_decade(cur["train_loss"].abs())
+                labels.append(_run_label(r))
+                dstep = getattr(r, "diverged_step", None)
+                ok = np.isfinite(y)
+                if dstep is not None and not pd.isna(dstep) and ok.any():  # on the curve, between logged steps
+                    y_at = np.exp(np.interp(dstep, c["step"].to_numpy()[ok], np.log(y[ok])))
+                    ax.plot([dstep], [y_at], marker="x", color=colors[stab], markersize=8, markeredgewidth=2,
+                            linestyle="none", zorder=4)
+            if len(rest):
+                handles.append(Line2D([], [], color="0.6", linewidth=0.7))
+                labels.append(f"{len(rest)} other diverged run(s)")
+            for L0 in mine["L0"].unique():
+                _l0_line(ax, L0)
+            ax.set_title(f"{stabilizer_label(stab)}: {len(mine)} diverged", color=colors[stab], fontweight="bold")
+            ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(0.0, -0.3),
+                      fontsize=7.5, frameon=False, handlelength=3.2, borderaxespad=0.0)
+        for ax in axes.flat[len(stabs):]:
+            ax.set_visible(False)
         if log:
-            ax.set_yscale("log")
-            _readable_log_ticks(ax.yaxis, "{:g}".format)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(f"training loss (nats, {'log' if log else 'linear'} scale)")
-        ax.set_title(f"{len(bad)} diverged run(s)")
-        _legend(fig, handles, labels, title="run")
+            for ax in axes.flat[:len(stabs)]:
+                ax.set_yscale("log")
+                _readable_log_ticks(ax.yaxis, "{:g}".format)
+        for ax in axes[:, 0]:
+            ax.set_ylabel(f"training loss (nats, {'log' if log else 'linear'} scale)")
+        for i, ax in enumerate(axes.flat[:len(stabs)]):
+            ax.set_xlabel("optimizer step")
+            ax.xaxis.set_tick_params(labelbottom=True)
+        handles = [Line2D([], [], color="0.45", linestyle=(0, (4, 3))),
+                   Line2D([], [], color="0.3", marker="x", linestyle="none", markeredgewidth=2),
+                   *[Line2D([], [], color="0.3", linestyle=LINESTYLES[k % len(LINESTYLES)],
+                            marker=VALUE_MARKERS[k % len(VALUE_MARKERS)], markersize=3.5) for k in range(worst)]]
+        labels = ["L0 = ln V", "divergence detected (step)",
+                  *[f"{_ordinal(k + 1)} highest peak loss" for k in range(worst)]]
+        if n_grey:
+            handles.append(Line2D([], [], color="0.6", linewidth=0.7))
+            labels.append("other diverged runs")
+        _legend(fig, handles, labels, title=f"{len(bad)} diverged runs")
     return fig
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
 def divergence_map(runs: pd.DataFrame) -> Figure:

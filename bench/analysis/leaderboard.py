@@ -16,6 +16,14 @@ One row per stabilizer:
 - ``best loss``: the lowest loss over all its settings and learning rates, averaged over models.
 Rows are ranked by LRS, then λ-sensitivity, then best loss. Each row
 shows the stabench version(s), sweep file hash(es), seeds and the number of runs behind it.
+
+Ties: with two or more seeds, each stabilizer's LRS gets a 95 % bootstrap confidence interval
+over seeds (per seed: the tuned settings' LRS averaged over models). A row whose interval
+overlaps the interval of the row ranked just above it is *tied* with it: tied rows share the
+rank of the first of them (1, 1, 3, …) and the ``ties`` column names the others. Overlap is
+chained (a ~ b and b ~ c put a, b, c in one group even if a and c do not overlap), so a tie
+says "these seeds cannot order them", never "they are equal". With one seed there are no
+intervals and no ties.
 """
 from __future__ import annotations
 
@@ -30,7 +38,10 @@ import pandas as pd
 
 from .metrics import lambda_sensitivity, lrs_table
 from .results import Results, hp_label, model_order, prepare_runs, stabilizer_label
+from .stats import bootstrap_ci
 from .tables import fmt, to_markdown
+
+CI_LEVEL = 0.95
 
 PER_TRIAL_FIELDS = ("stabilizer", "hparams", "lr", "seed", "data_seed", "model", "weight_tying", "sweep",
                     "log_every", "micro_batch_size", "device", "compile", "threads", "precision")
@@ -91,16 +102,18 @@ def rank_stabilizers(runs: pd.DataFrame) -> pd.DataFrame:
     """
     runs = prepare_runs(runs)
     pooled = lrs_table(runs)
+    per_seed = lrs_table(runs, by_seed=True)
     lam = lambda_sensitivity(runs)
     rows = []
     for stab, g in pooled.groupby("stabilizer", sort=False):
         cells = g.sort_values(["lrs", "best_loss"]).groupby(["model", "weight_tying"], sort=False)
         tuned = cells.head(1)
+        lo, hi = _tuned_lrs_ci(per_seed, tuned)
         best = g.groupby(["model", "weight_tying"])["best_loss"].min()
         spread = lam.loc[lam["stabilizer"] == stab, "lrs_spread"]
         r = runs[runs["stabilizer"] == stab]
         rows.append({
-            "stabilizer": stab, "lrs": float(tuned["lrs"].mean()),
+            "stabilizer": stab, "lrs": float(tuned["lrs"].mean()), "lrs_ci_lo": lo, "lrs_ci_hi": hi,
             "tuned": _joined(tuned["hp"].map(hp_label)),
             "lambda_sensitivity": float(spread.mean()) if not spread.empty else math.nan,
             "best_loss": float(best.mean()), "n_settings": g["hp"].nunique(),
@@ -115,15 +128,48 @@ def rank_stabilizers(runs: pd.DataFrame) -> pd.DataFrame:
         return df
     df = df.assign(_ls=df["lambda_sensitivity"].fillna(0.0)).sort_values(["lrs", "_ls", "best_loss"])
     df = df.drop(columns="_ls").reset_index(drop=True)
-    df.insert(0, "rank", np.arange(1, len(df) + 1))
+    rank, ties = _tie_groups(df)
+    df.insert(0, "rank", rank)
+    df.insert(1, "ties", ties)
     return df
+
+
+def _tuned_lrs_ci(per_seed: pd.DataFrame, tuned: pd.DataFrame) -> tuple[float, float]:
+    """Bootstrap CI over seeds of a stabilizer's LRS: per seed, its tuned settings' LRS averaged over
+    the model × weight-tying cells (seeds missing a cell are left out); NaNs with fewer than 2 seeds."""
+    keys = ["model", "stabilizer", "hp", "weight_tying", "precision"]
+    mine = per_seed.merge(tuned[keys], on=keys)
+    n_cells = len(tuned)
+    by_seed = mine.groupby("seed").agg(lrs=("lrs", "mean"), n=("lrs", "size"))
+    values = by_seed.loc[by_seed["n"] == n_cells, "lrs"].to_numpy(dtype=float)
+    return bootstrap_ci(values, CI_LEVEL)
+
+
+def _tie_groups(df: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
+    """(rank, ties) of rows already in ranking order: a row whose LRS interval overlaps the previous
+    row's joins its group; a group shares the rank of its first row (see module doc)."""
+    n = len(df)
+    lo, hi = df["lrs_ci_lo"].to_numpy(dtype=float), df["lrs_ci_hi"].to_numpy(dtype=float)
+    group = np.zeros(n, dtype=int)
+    for i in range(1, n):
+        overlap = (np.isfinite([lo[i], hi[i], lo[i - 1], hi[i - 1]]).all()
+                   and lo[i] <= hi[i - 1] and lo[i - 1] <= hi[i])
+        group[i] = group[i - 1] if overlap else i
+    rank = group + 1
+    names = df["stabilizer"].map(stabilizer_label).tolist()
+    ties = [", ".join(names[j] for j in range(n) if group[j] == group[i] and j != i) for i in range(n)]
+    return rank, ties
 
 
 def display(board: pd.DataFrame) -> pd.DataFrame:
     """Display strings of :func:`rank_stabilizers` output."""
     return pd.DataFrame({
-        "rank": board["rank"].astype(str), "stabilizer": board["stabilizer"].map(stabilizer_label),
-        "LRS (nats)": board["lrs"].map(fmt), "tuned": board["tuned"].replace("", "–"),
+        "rank": board["rank"].astype(str), "tied with": board["ties"].replace("", "–"),
+        "stabilizer": board["stabilizer"].map(stabilizer_label),
+        "LRS (nats)": board["lrs"].map(fmt),
+        f"LRS {CI_LEVEL:.0%} CI": [f"[{fmt(a)}, {fmt(b)}]" if np.isfinite(a) and np.isfinite(b) else "–"
+                                   for a, b in zip(board["lrs_ci_lo"], board["lrs_ci_hi"])],
+        "tuned": board["tuned"].replace("", "–"),
         "λ-sensitivity (nats)": board["lambda_sensitivity"].map(fmt),
         "best loss (nats)": board["best_loss"].map(fmt), "models": board["models"], "seeds": board["seeds"],
         "runs": board["n_runs"].astype(str), "stabench": board["stabench_version"].replace("", "?"),
@@ -158,7 +204,10 @@ def to_text(boards: Sequence[Board]) -> str:
            "Ranked by LR sensitivity (LRS, lower is better), then λ-sensitivity, then best loss. "
            "LRS is at each stabilizer's tuned hyperparameter (lowest LRS per model), averaged over models "
            "and seeds; λ-sensitivity is the LRS spread across its hyperparameter grid (– = no hyperparameter, "
-           "ranked as 0). Only runs of the same protocol are ranked together.", ""]
+           "ranked as 0). Only runs of the same protocol are ranked together. With two or more seeds the LRS has a "
+           f"{CI_LEVEL:.0%} bootstrap confidence interval over seeds; a stabilizer whose interval overlaps the one "
+           "ranked above it is tied with it (same rank, named under \"tied with\"): the seeds cannot order them.",
+           ""]
     for b in boards:
         out += [f"## Protocol {b.protocol}", "", f"{b.description}  ", f"results: {', '.join(b.sources)}", "",
                 to_markdown(b.table)]

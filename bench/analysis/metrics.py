@@ -77,7 +77,7 @@ def lrs_table(runs: pd.DataFrame, by_seed: bool = False) -> pd.DataFrame:
         df["n_params"] = np.nan
     keys = GROUP + ["seed"]
     points = (df.groupby(keys + ["lr"], sort=False, dropna=False)
-              .agg(loss=("loss", "mean"), all_failed=("failed", "all")).reset_index())
+              .agg(loss=("final_loss_clipped", "mean"), all_failed=("failed", "all")).reset_index())
     meta = df.groupby(keys, sort=False, dropna=False).agg(
         **{c: (c, "first") for c in _CARRY}, n_params=("n_params", "max"), n_runs=("failed", "size"),
         n_diverged=("failed", "sum"))

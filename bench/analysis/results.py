@@ -16,7 +16,10 @@ Derived columns
               holds both weight-tying values, ``, bf16-emu`` when it holds several precisions.
 ``precision`` the run's precision (``""`` where unknown, e.g. published rows).
 ``failed``    the run diverged or its final loss is not finite.
-``loss``      the loss the LR-sensitivity formula uses: L0 for a failed run, else min(final_loss, L0).
+``final_loss_clipped``  the loss every table and the LR-sensitivity formula use: L0 for a failed run,
+              else min(final_loss, L0). Written into runs.parquet since schema 2; computed here for
+              older files and published rows that lack it (or where it is null).
+``loss``      the same values as ``final_loss_clipped`` (the name the figures use).
 """
 from __future__ import annotations
 
@@ -137,7 +140,13 @@ def prepare_runs(runs: pd.DataFrame) -> pd.DataFrame:
     df["setting"] = labels if n else pd.Series([], dtype=object)
     finite = np.isfinite(df["final_loss"].to_numpy(dtype=float))
     df["failed"] = df["diverged"].to_numpy() | ~finite
-    df["loss"] = np.where(df["failed"], df["L0"], np.minimum(df["final_loss"], df["L0"]))
+    clipped = np.where(df["failed"], df["L0"], np.minimum(df["final_loss"], df["L0"]))
+    if "final_loss_clipped" in df.columns:
+        df["final_loss_clipped"] = pd.to_numeric(df["final_loss_clipped"], errors="coerce").astype(float)
+        df["final_loss_clipped"] = df["final_loss_clipped"].fillna(pd.Series(clipped, index=df.index))
+    else:
+        df["final_loss_clipped"] = clipped
+    df["loss"] = df["final_loss_clipped"]
     return df
 
 

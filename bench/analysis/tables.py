@@ -197,14 +197,66 @@ def to_markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-_LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                  "λ": r"$\lambda$", "±": r"$\pm$", "Δ": r"$\Delta$", "–": "--", "−": "$-$", "μ": r"$\mu$",
-                  "‖": r"$\|$", "Σ": r"$\Sigma$", "≥": r"$\geq$", "≤": r"$\leq$", "→": r"$\to$"}
+_LATEX_TEXT = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+               "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+               # OT1 (pdflatex's default font encoding) has no < > | glyphs in text: they would print ¡ ¿ —
+               "<": r"\textless{}", ">": r"\textgreater{}", "|": r"\textbar{}",
+               "–": "--", "—": "---", "…": r"\ldots{}", "†": r"\dag{}", "‡": r"\ddag{}", "§": r"\S{}",
+               "“": "``", "”": "''", "‘": "`", "’": "'", "\u00a0": "~", "\u2009": r"\,", "\u202f": r"\,"}
+"""Characters written as LaTeX text (ASCII special characters and typographic non-ASCII)."""
+
+_LATEX_MATH = {"λ": r"\lambda", "μ": r"\mu", "α": r"\alpha", "β": r"\beta", "γ": r"\gamma", "σ": r"\sigma",
+               "Σ": r"\Sigma", "Δ": r"\Delta", "±": r"\pm", "−": "-", "×": r"\times", "·": r"\cdot",
+               "→": r"\to", "←": r"\leftarrow", "≤": r"\leq", "≥": r"\geq", "≈": r"\approx", "≠": r"\neq",
+               "√": r"\surd", "∞": r"\infty", "∈": r"\in", "‖": r"\|", "▲": r"\triangle", "°": r"^{\circ}",
+               "\u0304": r"\bar{}"}
+"""Characters written in math mode (``$\\lambda$``); neighbours share one ``$…$`` group."""
+
+_SUPERSCRIPTS = dict(zip("⁰¹²³⁴⁵⁶⁷⁸⁹⁻⁺", "0123456789-+"))
+"""Superscript characters: a run of them becomes one ``^{…}`` (``10⁻⁶`` → ``10$^{-6}$``)."""
 
 
 def latex_escape(text: object) -> str:
-    return "".join(_LATEX_ESCAPES.get(ch, ch) for ch in str(text))
+    """``text`` as pure-ASCII LaTeX that pdflatex compiles without extra packages.
+
+    LaTeX's special characters are escaped, the Greek letters and symbols the suite writes
+    (λ, μ, α, Σ, Δ, ±, −, ×, →, ≤, ≥, ‖, …) become math (``$\\lambda$``), dashes and dots their
+    LaTeX spellings; any other non-ASCII character is reduced to its ASCII base letter (é → e)
+    or, failing that, written as ``?``. The result is always ASCII.
+    """
+    import unicodedata
+
+    out: list[str] = []
+    math: list[str] = []
+
+    def flush() -> None:
+        if math:
+            out.append("$" + "".join(math) + "$")
+            math.clear()
+
+    for ch in str(text):
+        if ch in _SUPERSCRIPTS:  # extend the superscript just before, else open one
+            if math and math[-1].startswith("{}^{"):
+                math[-1] = math[-1][:-1] + _SUPERSCRIPTS[ch] + "}"
+            else:
+                math.append("{}^{" + _SUPERSCRIPTS[ch] + "}")
+            continue
+        if ch in _LATEX_MATH:
+            m = _LATEX_MATH[ch]
+            if math and math[-1][-1].isalpha() and m[0].isalpha():  # \lambda then a letter: keep them apart
+                m = " " + m
+            math.append(m)
+            continue
+        flush()
+        if ch in _LATEX_TEXT:
+            out.append(_LATEX_TEXT[ch])
+        elif ch.isascii():
+            out.append(ch)
+        else:
+            base = unicodedata.normalize("NFKD", ch).encode("ascii", "ignore").decode("ascii")
+            out.append("".join(_LATEX_TEXT.get(c, c) for c in base) if base else "?")
+    flush()
+    return "".join(out)
 
 
 def to_latex(df: pd.DataFrame, caption: str = "", label: str = "") -> str:
