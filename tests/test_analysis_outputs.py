@@ -275,7 +275,8 @@ def test_readme_notebook_command_resolves_results_from_the_launch_directory(full
     runs in analysis/, yet $STABENCH_RESULTS resolves against the launch directory."""
     jupyter = Path(sys.executable).parent / "jupyter"
     if not jupyter.exists() or importlib.util.find_spec("nbclient") is None:
-        pytest.skip("jupyter execute (nbclient) is not installed: pip install -e '.[notebooks]'")
+        from services import missing
+        missing("jupyter execute (nbclient)", "pip install -e '.[notebooks]'", "STABENCH_REQUIRE_NOTEBOOKS")
     command = _readme_notebook_command()
     relative = re.match(r"STABENCH_RESULTS=(\S+) ", command).group(1)
     notebook = command.split()[-1]
@@ -297,12 +298,10 @@ def test_readme_notebook_command_resolves_results_from_the_launch_directory(full
 
 # -- a real browser -------------------------------------------------------------------------
 
-CHROMIUM = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)),
-                None)
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (Debian: apt-get install chromium)")
 def test_report_renders_in_headless_chromium(full_report, tmp_path):
+    from services import chromium
+
+    CHROMIUM = chromium()  # in CI a missing browser fails this test; elsewhere it skips saying how to get one
     report = full_report
     shot = tmp_path / "shot.png"
     with tempfile.TemporaryDirectory() as profile:

@@ -73,10 +73,15 @@ def submit(path: Path, out: Path, url: str, array: int) -> str:
     return done.stdout.split("submitted Slurm job ")[1].split(";")[0].strip()
 
 
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
 def squeue(job: str) -> list[str]:
-    """States of the job's array tasks still known to the controller (pending or running)."""
-    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%i %T"], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if line.strip()]
+    """``TASK STATE`` of the job's array tasks that have not finished (pending, running, completing,
+    requeued…); finished tasks stay listed with ``-t all`` (MinJobAge), so a requeue never looks like an end."""
+    out = subprocess.run(["squeue", "-h", "-t", "all", "-j", job, "-o", "%i %T"], capture_output=True,
+                         text=True).stdout
+    return [line for line in out.splitlines() if line.strip() and line.split()[-1] not in FINISHED]
 
 
 def wait_done(job: str, out: Path) -> None:
@@ -99,14 +104,15 @@ def wait_for(predicate, what: str, job: str, out: Path) -> None:
 
 
 def requeue(job: str) -> None:
-    """Requeue array task 0 (Slurm kills it) and let it start again now (a requeued job waits otherwise)."""
+    """Requeue array task 0 (Slurm kills it) and let it start again now: a requeued job is held back by a
+    begin time, which ``StartTime=now`` lifts only once the killed task has finished completing."""
     subprocess.run(["scontrol", "requeue", f"{job}_0"], check=True, capture_output=True, timeout=30)
-    deadline = time.monotonic() + 60
-    while True:
-        done = subprocess.run(["scontrol", "update", f"JobId={job}_0", "StartTime=now"], capture_output=True,
-                              text=True, timeout=30)
-        if done.returncode == 0 or time.monotonic() > deadline:
-            break
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        states = squeue(job)
+        if not states or any("RUNNING" in s for s in states):
+            return
+        subprocess.run(["scontrol", "update", f"JobId={job}_0", "StartTime=now"], capture_output=True, timeout=30)
         time.sleep(0.5)
 
 
@@ -137,13 +143,14 @@ def test_an_array_of_two_workers_trains_the_sweep_exactly_once(cluster, tmp_path
 def test_a_requeued_task_resumes_its_trials_from_the_checkpoint(cluster, tmp_path, pack):
     name = f"requeue{pack}-{uuid.uuid4().hex[:8]}"
     lrs = (1e-3,) if pack == 1 else (1e-3, 3e-3, 1e-2, 3e-2)
-    path = sweep_file(tmp_path, name, lrs=lrs, steps=1500, extra=f"pack = {pack}\n")
+    path = sweep_file(tmp_path, name, lrs=lrs, steps=400, extra=f"pack = {pack}\n")
     out = tmp_path / "results" / name
     job = submit(path, out, cluster, array=1)
     wait_for(lambda: any((out / "checkpoints").glob("*.pt")), "a checkpoint", job, out)
     requeue(job)
     wait_done(job, out)
 
+    assert (out / "runs.parquet").exists(), task_logs(out)
     trials = assert_exactly_once(path, out, cluster)
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(done) == len(lrs) and all(t.user_attrs["resumed_from_step"] > 0 for t in done), task_logs(out)

@@ -622,7 +622,12 @@ class DatabaseSweepStorage(SweepStorage):
             finally:
                 conn.execute(text(release), {"k": ident})
 
+    HOLDER_ATTR = "stabench_holder"  # trial system attribute: {host, pid, pid_namespace} of its worker
+
     def hold(self, study: optuna.Study, trial_id: int, number: int, key: str) -> Holder:
+        self.optuna.set_trial_system_attr(trial_id, self.HOLDER_ATTR, {
+            "host": socket.gethostname(), "pid": os.getpid(), "pid_namespace": _pid_namespace()})
+
         def renew() -> None:
             self.optuna.record_heartbeat(trial_id)
 
@@ -631,15 +636,36 @@ class DatabaseSweepStorage(SweepStorage):
 
         return Holder(renew, still_ours, self.execution.heartbeat_s)
 
+    def _reap_dead_holders(self, study: optuna.Study) -> list[str]:
+        """Fail and retry the running trials whose worker was on this host and is gone (killed, or
+        its Slurm task requeued), without waiting for its heartbeat to go stale."""
+        messages = []
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            h = t.system_attrs.get(self.HOLDER_ATTR)
+            if not (h and h["host"] == socket.gethostname() and h["pid_namespace"] == _pid_namespace()
+                    and not _pid_alive(h["pid"])):
+                continue
+            reason = f"worker {h['host']}:{h['pid']} is no longer running"
+            try:
+                self.optuna.set_trial_user_attr(t._trial_id, "error", reason)
+                if not self.optuna.set_trial_state_values(t._trial_id, TrialState.FAIL):
+                    continue
+            except UpdateFinishedTrialError:  # finished meanwhile, or another worker reaped it
+                continue
+            self.retry(study, self.optuna.get_trial(t._trial_id))
+            messages.append(f"trial {t.number} ({t.user_attrs.get('key')}): {reason}; " + _retry_note(study, t.number))
+        return messages
+
     def reap(self, study: optuna.Study) -> list[str]:
+        dead = self._reap_dead_holders(study)
         before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # ExperimentalWarning
             optuna.storages.fail_stale_trials(study)
         failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number not in before
                   and "error" not in t.user_attrs]
-        return [f"trial {t.number} ({t.user_attrs.get('key')}): heartbeat stale for more than "
-                f"{self.execution.lease_s:g} s; " + _retry_note(study, t.number) for t in failed]
+        return dead + [f"trial {t.number} ({t.user_attrs.get('key')}): heartbeat stale for more than "
+                       f"{self.execution.lease_s:g} s; " + _retry_note(study, t.number) for t in failed]
 
 
 def _retry_note(study: optuna.Study, number: int) -> str:
