@@ -135,6 +135,29 @@ class MlflowTracker:
         self.client.set_terminated(self.runs.pop(key), status="KILLED")
 
 
+class Fanout:
+    """Several trackers as one (Nones left out)."""
+
+    def __init__(self, *trackers: Tracker | None):
+        self.trackers = [t for t in trackers if t is not None]
+
+    def start(self, key, config):
+        for t in self.trackers:
+            t.start(key, config)
+
+    def log(self, key, step, row):
+        for t in self.trackers:
+            t.log(key, step, row)
+
+    def finish(self, key, run):
+        for t in self.trackers:
+            t.finish(key, run)
+
+    def leave(self, key):
+        for t in self.trackers:
+            t.leave(key)
+
+
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 

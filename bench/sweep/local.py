@@ -78,20 +78,24 @@ class _Display:
         self.bar = Bar(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                        TextColumn("running {task.fields[running]} · diverged {task.fields[diverged]} · "
                                   "failed {task.fields[failed]}"),
-                       TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                       TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[live]}"),
                        console=self.console, speed_estimate_period=3600, disable=not self.tty)
         self.start, self.first_finished = time.monotonic(), first.done + first.failed
         self.task = self.bar.add_task(name, total=first.total, completed=first.done + first.failed,
-                                      running=first.running, diverged=first.diverged, failed=first.failed)
+                                      running=first.running, diverged=first.diverged, failed=first.failed, live="")
+        self.printed_at = 0.0
         self.bar.start()
 
-    def update(self, p: Progress) -> None:
+    def update(self, p: Progress, live: str = "") -> None:
+        """New counts, and ``live``: what the running trials are doing (step, loss, tokens/s)."""
         self.bar.update(self.task, completed=p.done + p.failed, running=p.running, diverged=p.diverged,
-                        failed=p.failed)
+                        failed=p.failed, live=live)
         state = (p.done, p.running, p.diverged, p.failed)
-        if not self.tty and state != self.last:
+        now = time.monotonic()
+        if not self.tty and (state != self.last or (live and now - self.printed_at >= LIVE_EVERY_S)):
             print(f"{p.done}/{p.total} done · running {p.running} · diverged {p.diverged} · failed {p.failed}"
-                  f" · {self.eta(p)}", file=sys.stderr, flush=True)
+                  f" · {self.eta(p)}" + (f" · {live}" if live else ""), file=sys.stderr, flush=True)
+            self.printed_at = now
         self.last = state
 
     def eta(self, p: Progress) -> str:
@@ -112,10 +116,29 @@ def _clock(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+LIVE_EVERY_S = 30.0  # without a terminal, the running trials' progress is printed this often at most
+
+
+def live_summary(queue: TrialQueue) -> str:
+    """``#N step/steps loss L tokens/s`` for each running trial (from its heartbeats)."""
+    from optuna.trial import TrialState
+
+    from .status import running_row
+
+    parts = []
+    for t in queue.trials():
+        if t.state == TrialState.RUNNING:
+            r = running_row(queue.storage, t)
+            parts.append(f"#{t.number} {r['step']}" + (f" loss {r['loss']}" if r["loss"] else "")
+                         + (f" {r['tokens/s']} tok/s" if r["tokens/s"] else "")
+                         + (" STALE" if r["liveness"] != "alive" else ""))
+    return " | ".join(parts)
+
+
 def _monitor(queue: TrialQueue, display: _Display, stop: threading.Event) -> None:
     while not stop.wait(1.0):
         try:
-            display.update(queue.progress())
+            display.update(queue.progress(), live_summary(queue))
         except Exception:  # a transient storage error must not end the display
             pass
 

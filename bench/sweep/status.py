@@ -9,7 +9,7 @@ from pathlib import Path
 from optuna.trial import FrozenTrial, TrialState
 
 from .spec import ExecutionSpec, SweepSpec, load_spec
-from .storage import JOURNAL_NAME, STORAGE_ENV, JournalSweepStorage, SweepStorage, open_storage
+from .storage import JOURNAL_NAME, STORAGE_ENV, SweepStorage, open_storage
 from .trials import recorded_keys, retried_numbers
 
 
@@ -33,13 +33,16 @@ def locate(target: str, storage_url: str | None, out: str | None = None) -> Targ
 
     path = Path(target)
     if path.is_dir():
-        spec, name, out_dir = None, path.resolve().name, path
+        # the sweep file recorded there gives the study's name and its lease settings
+        recorded = path / "sweep.toml"
+        spec = load_spec(recorded, check_data=False, check_machine=False) if recorded.is_file() else None
+        name, out_dir = (spec.name if spec else path.resolve().name), path
         url = storage_url or os.environ.get(STORAGE_ENV)
         if url is None:
             if not (path / JOURNAL_NAME).exists():
                 raise UsageError(f"{path} has no {JOURNAL_NAME}; pass --storage URL (the sweep's storage)")
             url = str(path / JOURNAL_NAME)
-        storage = open_storage(url, out_dir, ExecutionSpec())
+        storage = open_storage(url, out_dir, spec.execution if spec else ExecutionSpec())
     elif path.is_file():
         spec = load_spec(path, check_data=False)
         name, out_dir = spec.name, Path(out) if out else Path("results") / spec.name
@@ -60,14 +63,22 @@ def _describe(t: FrozenTrial) -> str:
     return f"{a.get('model', '?')} {a.get('stabilizer', '?')}{f'({hp})' if hp else ''} lr={a.get('lr', float('nan')):g}"
 
 
-def _liveness(storage: SweepStorage, t: FrozenTrial) -> str:
-    """'alive', or why the worker is presumed dead (its trial is retried when a worker next looks)."""
-    if not isinstance(storage, JournalSweepStorage):
-        return "heartbeat"
-    lease = storage.read_lease(t._trial_id)
-    if lease is None:
-        return "no lease yet"
-    return lease.expired(time.time()) or "alive"
+def _age(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def running_row(storage: SweepStorage, t: FrozenTrial, now: float | None = None) -> dict[str, str]:
+    """What a running trial is doing, as ``status`` and the sweep's progress line show it: step / steps,
+    last train loss, tokens/s, time since the last heartbeat, and ``stale: why`` when its worker is gone."""
+    now = time.time() if now is None else now
+    live = storage.liveness(t, now)
+    p = live.progress or {}
+    loss, tps = p.get("train_loss"), p.get("tokens_per_s")
+    return {"step": f"{p['step']}/{p['steps']}" if "step" in p else "starting",
+            "loss": f"{loss:.3f}" if isinstance(loss, (int, float)) else "",
+            "tokens/s": f"{tps:,.0f}" if isinstance(tps, (int, float)) else "",
+            "heartbeat": f"{_age(now - live.renewed_at)} ago" if live.renewed_at else "none yet",
+            "liveness": f"stale: {live.stale}; the next worker to look retries it" if live.stale else "alive"}
 
 
 def render(target: Target, full_errors: bool = False) -> str:
@@ -106,14 +117,17 @@ def render(target: Target, full_errors: bool = False) -> str:
     running = [t for t in trials if t.state == TrialState.RUNNING]
     if running:
         table = Table(title="running")
-        for col in ("trial", "key", "run", "worker", "since", "resumed from step", "liveness"):
+        cols = ("trial", "key", "run", "worker", "since", "resumed from", "step", "loss", "tokens/s", "heartbeat",
+                "liveness")
+        for col in cols:
             table.add_column(col)
         now = dt.datetime.now()
         for t in running:
             since = f"{(now - t.datetime_start).total_seconds():.0f} s" if t.datetime_start else ""
+            live = running_row(target.storage, t)
             table.add_row(str(t.number), str(t.user_attrs.get("key")), _describe(t),
                           str(t.user_attrs.get("worker", "")), since, str(t.user_attrs.get("resumed_from_step", "")),
-                          _liveness(target.storage, t))
+                          *(live[c] for c in cols[6:]))
         console.print(table)
 
     failed = [t for t in trials if t.state == TrialState.FAIL]

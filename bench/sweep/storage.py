@@ -375,6 +375,7 @@ class Lease:
     pid_namespace: str
     renewed_at: float  # Unix time (s) of the last renewal, the holder's clock
     lease_s: float  # the holder's promise: it renews well within this many seconds
+    progress: dict[str, Any] | None = None  # the trial's last log-cadence report (Holder.progress)
 
     def expired(self, now: float) -> str | None:
         """Why the holder is presumed dead, or None if the lease is alive."""
@@ -385,6 +386,21 @@ class Lease:
         if age > self.lease_s:
             return f"lease expired: worker {self.worker} last renewed it {age:.0f} s ago (limit {self.lease_s:g} s)"
         return None
+
+
+@dataclass
+class Liveness:
+    """What the storage knows of a running trial's worker."""
+
+    stale: str | None  # why the worker is presumed dead (the trial is retried when a worker next looks), or None
+    progress: dict[str, Any] | None  # its last report: step, steps, train_loss, tokens_per_s
+    renewed_at: float | None  # Unix time (s) of its last heartbeat, if any
+
+
+def _since_start(t: FrozenTrial, now: float, lease_s: float) -> str | None:
+    """A claimed trial that never renewed: dead once lease_s have passed since it started."""
+    age = now - (t.datetime_start.timestamp() if t.datetime_start else now)
+    return f"no heartbeat {age:.0f} s after the trial started (limit {lease_s:g} s)" if age > lease_s else None
 
 
 class RetryStaleTrial(_OptunaRetry):
@@ -429,6 +445,10 @@ class SweepStorage:
         """Fail the study's trials whose worker died and queue their retries; returns messages."""
         raise NotImplementedError
 
+    def liveness(self, t: FrozenTrial, now: float | None = None) -> "Liveness":
+        """Whether running trial ``t``'s worker is presumed dead, and its last progress report."""
+        raise NotImplementedError
+
     # common
     def study(self, name: str) -> optuna.Study:
         """Load the study ``name``, creating it (minimizing the final loss) if needed."""
@@ -451,17 +471,21 @@ class SweepStorage:
 
 
 class Holder:
-    """Renews liveness in a daemon thread; ``lost`` turns true if another worker failed the trial."""
+    """Renews liveness in a daemon thread; ``lost`` turns true if another worker failed the trial.
 
-    def __init__(self, renew: Callable[[], None], still_ours: Callable[[], bool], period_s: float,
+    ``progress`` (set by the worker at the log cadence: step, steps, train_loss, tokens_per_s) goes
+    out with every renewal, so ``stabench status`` can show what a running trial is doing."""
+
+    def __init__(self, renew: Callable[[dict[str, Any]], None], still_ours: Callable[[], bool], period_s: float,
                  release: Callable[[], None] = lambda: None):
         self._renew, self._still_ours, self._period, self._release = renew, still_ours, period_s, release
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="stabench-lease")
         self.lost = False
+        self.progress: dict[str, Any] = {}
 
     def __enter__(self) -> "Holder":
-        self._renew()
+        self._renew(self.progress)
         self._thread.start()
         return self
 
@@ -474,7 +498,7 @@ class Holder:
     def _loop(self) -> None:
         while not self._stop.wait(self._period):
             try:
-                self._renew()
+                self._renew(dict(self.progress))
                 if not self._still_ours():
                     self.lost = True
             except Exception:  # a storage hiccup must not kill the renewals
@@ -532,8 +556,8 @@ class JournalSweepStorage(SweepStorage):
                       self.execution.lease_s)
         path = self._lease_file(trial_id)
 
-        def renew() -> None:
-            lease.renewed_at = time.time()
+        def renew(progress: dict[str, Any]) -> None:
+            lease.renewed_at, lease.progress = time.time(), progress
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{pid}.tmp")
             tmp.write_text(json.dumps(asdict(lease)))
@@ -544,17 +568,17 @@ class JournalSweepStorage(SweepStorage):
 
         return Holder(renew, still_ours, self.execution.heartbeat_s, lambda: path.unlink(missing_ok=True))
 
+    def liveness(self, t: FrozenTrial, now: float | None = None) -> Liveness:
+        now = time.time() if now is None else now
+        lease = self.read_lease(t._trial_id)
+        if lease is None:  # claimed but no lease yet: the claimer has lease_s from the claim
+            return Liveness(_since_start(t, now, self.execution.lease_s), None, None)
+        return Liveness(lease.expired(now), lease.progress, lease.renewed_at)
+
     def reap(self, study: optuna.Study) -> list[str]:
         messages, now = [], time.time()
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            lease = self.read_lease(t._trial_id)
-            if lease is not None:
-                reason = lease.expired(now)
-            else:  # claimed but no lease yet: give the claimer lease_s from the claim
-                started = t.datetime_start.timestamp() if t.datetime_start else now
-                age = now - started
-                reason = (f"no lease {age:.0f} s after the trial started (limit {self.execution.lease_s:g} s)"
-                          if age > self.execution.lease_s else None)
+            reason = self.liveness(t, now).stale
             if reason is None:
                 continue
             try:
@@ -623,18 +647,37 @@ class DatabaseSweepStorage(SweepStorage):
                 conn.execute(text(release), {"k": ident})
 
     HOLDER_ATTR = "stabench_holder"  # trial system attribute: {host, pid, pid_namespace} of its worker
+    PROGRESS_ATTR = "stabench_progress"  # trial system attribute: Holder.progress + renewed_at, each heartbeat
 
     def hold(self, study: optuna.Study, trial_id: int, number: int, key: str) -> Holder:
         self.optuna.set_trial_system_attr(trial_id, self.HOLDER_ATTR, {
             "host": socket.gethostname(), "pid": os.getpid(), "pid_namespace": _pid_namespace()})
 
-        def renew() -> None:
+        def renew(progress: dict[str, Any]) -> None:
             self.optuna.record_heartbeat(trial_id)
+            self.optuna.set_trial_system_attr(trial_id, self.PROGRESS_ATTR, {**progress, "renewed_at": time.time()})
 
         def still_ours() -> bool:
             return self.optuna.get_trial(trial_id).state == TrialState.RUNNING
 
         return Holder(renew, still_ours, self.execution.heartbeat_s)
+
+    def liveness(self, t: FrozenTrial, now: float | None = None) -> Liveness:
+        now = time.time() if now is None else now
+        h = t.system_attrs.get(self.HOLDER_ATTR)
+        p = t.system_attrs.get(self.PROGRESS_ATTR)
+        renewed = p.get("renewed_at") if p else None
+        if h and h["host"] == socket.gethostname() and h["pid_namespace"] == _pid_namespace() \
+                and not _pid_alive(h["pid"]):
+            stale = f"worker {h['host']}:{h['pid']} is no longer running"
+        elif renewed is None:
+            stale = _since_start(t, now, self.execution.lease_s)
+        else:
+            age = now - renewed
+            stale = (f"heartbeat stale: last one {age:.0f} s ago (limit {self.execution.lease_s:g} s)"
+                     if age > self.execution.lease_s else None)
+        progress = {k: v for k, v in p.items() if k != "renewed_at"} if p else None
+        return Liveness(stale, progress, renewed)
 
     def _reap_dead_holders(self, study: optuna.Study) -> list[str]:
         """Fail and retry the running trials whose worker was on this host and is gone (killed, or

@@ -150,13 +150,18 @@ def outcome_attrs(run: dict[str, Any]) -> dict[str, Any]:
     out = {k: _jsonable(run.get(k)) for k in keys}
     out["step"] = run.get("diverged_step") if run.get("diverged") else run.get("steps_done")
     out["reason"] = out.pop("diverged_reason") or ""
+    out["outcome"] = "diverged" if run.get("diverged") else "trained"  # a filter in optuna-dashboard
     return out
 
 
 def trial_value(run: dict[str, Any]) -> float:
-    """Final validation loss (nats); ln V when it is not finite (diverged to NaN/inf)."""
-    v = run.get("final_loss")
-    return float(v) if v is not None and math.isfinite(v) else float(run["L0"])
+    """The trial's objective (nats): ``final_loss_clipped``, the number the LRS uses — min(final loss,
+    L0), and L0 = ln V for a diverged run or a non-finite loss, so diverged trials sit at L0 in
+    optuna-dashboard instead of stretching its plots. (Diverged trials stay COMPLETE, marked by the
+    ``diverged`` and ``outcome`` attributes: PRUNED marks a settled duplicate in this engine.)"""
+    from ..records import clipped_final_loss
+
+    return clipped_final_loss(run.get("final_loss"), run["L0"], run.get("diverged"))
 
 
 class TrialQueue:

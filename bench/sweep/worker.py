@@ -120,6 +120,32 @@ def _error_text(e: Exception, url: str | None) -> str:
     return redact(f"{type(e).__name__}: {e}\n{tb}", url)
 
 
+class LiveProgress:
+    """A tracker (``bench.tracking``) that puts each trial's latest curve row into its lease holder's
+    ``progress``, which the heartbeat sends to the storage: step / steps, train loss and tokens/s,
+    all host values the loop already has at the log cadence (no extra device sync)."""
+
+    def __init__(self, holders: dict[str, object], cfgs: dict[str, RunConfig]):
+        self.holders, self.cfgs, self.last = holders, cfgs, {}
+
+    def start(self, key, config):
+        self.last[key] = (None, time.monotonic())
+
+    def log(self, key, step, row):
+        cfg, (prev, t0) = self.cfgs[key], self.last.get(key, (None, time.monotonic()))
+        now = time.monotonic()
+        tps = cfg.batch_size * cfg.seq_len * (step - prev) / (now - t0) if prev is not None and now > t0 else None
+        self.last[key] = (step, now)
+        self.holders[key].progress = {"step": step, "steps": cfg.steps, "train_loss": row["train_loss"],
+                                      "tokens_per_s": tps}
+
+    def finish(self, key, run):
+        pass
+
+    def leave(self, key):
+        pass
+
+
 def run_trials(queue: TrialQueue, claims: list[Claim], data: Callable, log: Log, threads: int | None) -> list[str]:
     """Train claimed trials together (one trial, or a pack of K); one outcome per claim:
     'completed', 'diverged', 'failed' or 'lost'.
@@ -148,7 +174,7 @@ def _train_and_record(queue: TrialQueue, claims: list[Claim], cfgs: list[RunConf
                       log: Log, threads: int | None) -> list[str]:
     """Train ``cfgs`` as one pack (or one trial), record and complete each; PackError propagates."""
     from ..errors import PackError
-    from ..tracking import open_tracker
+    from ..tracking import Fanout, open_tracker
     from ..trainer import train_members
 
     k, out, every = len(claims), queue.out, queue.spec.execution.checkpoint_every
@@ -164,8 +190,9 @@ def _train_and_record(queue: TrialQueue, claims: list[Claim], cfgs: list[RunConf
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         ckpt.with_suffix(".keys").write_text("\n".join(keys) + "\n")
     try:
+        live = LiveProgress(dict(zip(keys, leases)), dict(zip(keys, cfgs)))
         results = train_members(cfgs, data=data(cfgs[0]), checkpoint=ckpt if every else None, checkpoint_every=every,
-                                tracker=open_tracker(cfgs[0].log, out))
+                                tracker=Fanout(open_tracker(cfgs[0].log, out), live))
     except PackError:
         ckpt.with_suffix(".keys").unlink(missing_ok=True)
         raise
