@@ -87,10 +87,18 @@ def translate_deprecated(argv: list[str]) -> list[str]:
     return [command, *out, *positionals, *tail]  # argparse takes positionals after options too
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but bad input is one line (``stabench run: error: …``) and exit code 2, without the
+    usage block: ``--help`` shows that."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(configured: Iterable[str] | None = None) -> argparse.ArgumentParser:
     """The parser of every subcommand; only those in ``configured`` (default: all) get their arguments."""
     configured = set(COMMANDS if configured is None else configured)
-    parser = argparse.ArgumentParser(prog="stabench", description="LLM-pretraining stabilizer benchmark.")
+    parser = _Parser(prog="stabench", description="LLM-pretraining stabilizer benchmark.")
     parser.add_argument("--version", action="version", version=f"stabench {__version__}",
                         help="print the version (stabench X.Y.Z) and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -53,6 +53,8 @@ FIELD_HELP: dict[str, tuple[str, str]] = {
     "log_every": ("STEPS", "log (and check divergence) every this many steps"),
     "weight_decay": ("WD", "AdamW weight decay (never on gains)"),
     "grad_clip": ("NORM", "global gradient-norm clipping threshold"),
+    "log": ("TRACKER", "also log the curves to an experiment tracker, under --out "
+                       "(tensorboard/, wandb/ offline, mlflow mlruns/)"),
 }
 
 

@@ -111,6 +111,8 @@ def test_stabench_run_logs_to_tensorboard_with_one_flag(tmp_path, capsys):
 def test_an_unknown_tracker_is_one_line_and_exit_2(capsys):
     from bench.cli import main
 
-    assert main(["run", "--log", "neptune", "--steps", "2", "--warmup", "1"]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--log", "neptune", "--steps", "2", "--warmup", "1"])
+    assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "log" in err and "tensorboard" in err
