@@ -73,7 +73,8 @@ def test_perf_compares_packed_and_unpacked_trials_and_writes_markdown(tmp_path):
             for kind in ("packed", "unpacked")}
     assert math.isclose(packed["factor"], best["packed"] / best["unpacked"], rel_tol=1e-9)
     res = json.loads(out.read_text())
-    peak = res["peak"]["float32"]["flops"]
+    # the peak of the run's precision ("auto" is bf16 on a CPU with bf16 matrix units, fp32 elsewhere)
+    peak = res["peak"][res["settings"]["precision"].replace("fp32", "float32").replace("bf16", "bfloat16")]["flops"]
     for row in packed["rows"]:  # training FLOPs of the trials over the wall time, against the same peak
         assert math.isclose(row["mfu"], row["achieved_flops"] / peak, rel_tol=1e-9)
         assert math.isclose(row["achieved_flops"] / row["trials_per_hour"] * 3600,
