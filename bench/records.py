@@ -164,7 +164,8 @@ def _atomic_write_table(table: pa.Table, path: Path) -> None:
         raise
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Is process ``pid`` of this host (and pid namespace) alive? A zombie counts as dead."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -189,7 +190,7 @@ def clean_stale_temporaries(directory: Path) -> list[Path]:
     for p in candidates:
         stem = p.name[1:-len(".tmp")]
         name_host, _, pid = stem.rpartition(".")
-        if not pid.isdigit() or not name_host.endswith("." + host) or _pid_alive(int(pid)):
+        if not pid.isdigit() or not name_host.endswith("." + host) or pid_alive(int(pid)):
             continue
         try:
             p.unlink()

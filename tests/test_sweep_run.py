@@ -255,3 +255,21 @@ def test_search_mode_asks_tpe_for_learning_rates(tmp_path):
         lrs = [t.params["lr"] for t in trials]
         assert len(set(lrs)) == 3 and all(1e-4 <= lr <= 1e-1 for lr in lrs)
     assert len(pq.read_table(out / "runs.parquet")) == 6
+
+
+def test_sixteen_workers_on_one_postgresql_train_each_point_exactly_once(tmp_path):
+    """Many workers on one database (README "Running on a cluster"): 16 processes on a grid of 32 tiny
+    trials, all queueing at once, each point trained once, no connection or lock errors."""
+    storage = _postgres_url()
+    name = f"sixteen-{uuid.uuid4().hex[:8]}"
+    lrs = tuple(1e-3 * (1 + i / 4) for i in range(16))
+    path = sweep_file(tmp_path, name, lrs=lrs, stabilizers="baseline = {}\nzloss.lam = [1e-4]", steps=10)
+    out = tmp_path / "results" / name
+    workers = [start_worker(path, out, tmp_path / f"w{i}.log", storage) for i in range(16)]
+    for w in workers:
+        assert w.wait(timeout=TIMEOUT_S * 2) == 0
+    logs = "".join((tmp_path / f"w{i}.log").read_text() for i in range(16))
+    assert "Traceback" not in logs and "OperationalError" not in logs and "FAILED" not in logs, logs
+    trials = assert_exactly_once(path, out, storage)
+    assert len(trials) == 32
+    assert training_starts(logs) == Counter({t.user_attrs["key"]: 1 for t in trials})

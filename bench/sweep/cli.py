@@ -14,6 +14,13 @@ SWEEP_FILE_HELP = "the sweep file (see sweeps/; `--sweep FILE.toml` is its depre
 OUT_HELP = "results directory (default: results/<sweep name>, the sweep file's name)"
 
 
+def _force_new_protocol(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force-new-protocol", action="store_true",
+                   help="the sweep's [train] settings differ from the runs already in its study or results "
+                        "directory: start a new study <name>-<protocol hash> there, its rows kept apart "
+                        "(default: refuse, naming the changed settings)")
+
+
 def configure(name: str, p: argparse.ArgumentParser) -> None:
     if name == "sweep":
         p.add_argument("file", metavar="FILE.toml", help="the sweep file (see sweeps/)")
@@ -21,10 +28,7 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
                        help="worker processes, >= 1 (default: one per core, or one per GPU)")
         p.add_argument("--storage", default=None, metavar="URL|FILE", help=STORAGE_HELP)
         p.add_argument("--out", default=None, metavar="DIR", help=OUT_HELP)
-        p.add_argument("--force-new-protocol", action="store_true",
-                       help="the sweep's [train] settings differ from the runs already in its study or results "
-                            "directory: start a new study <name>-<protocol hash> there, its rows kept apart "
-                            "(default: refuse, naming the changed settings)")
+        _force_new_protocol(p)
     elif name == "worker":
         p.add_argument("file", metavar="FILE.toml", help=SWEEP_FILE_HELP)
         p.add_argument("--storage", default=None, metavar="URL|FILE", help=STORAGE_HELP)
@@ -38,10 +42,7 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
                        help="leave after claiming N trials (default: no limit)")
         p.add_argument("--no-enqueue", dest="enqueue", action="store_false",
                        help="only take trials already queued (default: queue the sweep's missing points first)")
-        p.add_argument("--force-new-protocol", action="store_true",
-                       help="the sweep's [train] settings differ from the runs already in its study or results "
-                            "directory: start a new study <name>-<protocol hash> there, its rows kept apart "
-                            "(default: refuse, naming the changed settings)")
+        _force_new_protocol(p)
     elif name == "status":
         p.add_argument("target", metavar="DIR|FILE.toml",
                        help="results directory (results/<sweep name>) or sweep file")
@@ -75,10 +76,7 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
                        help="at most N tasks at once (default: no limit)")
         p.add_argument("--setup", default="", metavar="SHELL",
                        help="shell lines run before the worker, e.g. 'source .venv/bin/activate' (default: none)")
-        p.add_argument("--force-new-protocol", action="store_true",
-                       help="the sweep's [train] settings differ from the runs already in its study or results "
-                            "directory: start a new study <name>-<protocol hash> there, its rows kept apart "
-                            "(default: refuse, naming the changed settings)")
+        _force_new_protocol(p)
 
 
 def _out(spec, out: str | None) -> Path:

@@ -39,6 +39,8 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
+from ..records import pid_alive
+
 from ..errors import StorageError
 from .grid import DEFINITION_ATTRS
 from .spec import ExecutionSpec
@@ -152,7 +154,7 @@ def _dead_owner(link: str) -> str | None:
         host, namespace, pid = json.loads(owner)
     except (ValueError, TypeError):
         return None
-    if host == socket.gethostname() and namespace == _pid_namespace() and not _pid_alive(int(pid)):
+    if host == socket.gethostname() and namespace == _pid_namespace() and not pid_alive(int(pid)):
         return f"{host}:{pid}"
     return None
 
@@ -348,20 +350,6 @@ def _pid_namespace() -> str:
         return ""
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed child not yet reaped by its parent is a zombie: dead for our purpose
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 @dataclass
 class Lease:
     """Proof that a worker is still running a trial; renewed every heartbeat."""
@@ -380,7 +368,7 @@ class Lease:
     def expired(self, now: float) -> str | None:
         """Why the holder is presumed dead, or None if the lease is alive."""
         if (self.host == socket.gethostname() and self.pid_namespace == _pid_namespace()
-                and not _pid_alive(self.pid)):
+                and not pid_alive(self.pid)):
             return f"worker {self.worker} is no longer running"
         age = now - self.renewed_at
         if age > self.lease_s:
@@ -468,6 +456,18 @@ class SweepStorage:
 
     def retry(self, study: optuna.Study, trial: FrozenTrial) -> None:
         _retry_callback(self.execution.max_retries)(study, trial)
+
+    def fail_and_retry(self, study: optuna.Study, t: FrozenTrial, reason: str) -> str | None:
+        """Fail running trial ``t`` (its worker is presumed dead for ``reason``) and queue its retry;
+        the log line, or None if another worker settled it first."""
+        try:
+            self.optuna.set_trial_user_attr(t._trial_id, "error", reason)
+            if not self.optuna.set_trial_state_values(t._trial_id, TrialState.FAIL):
+                return None
+        except UpdateFinishedTrialError:  # finished meanwhile, or another worker reaped it
+            return None
+        self.retry(study, self.optuna.get_trial(t._trial_id))
+        return f"trial {t.number} ({t.user_attrs.get('key')}): {reason}; " + _retry_note(study, t.number)
 
 
 class Holder:
@@ -579,18 +579,9 @@ class JournalSweepStorage(SweepStorage):
         messages, now = [], time.time()
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             reason = self.liveness(t, now).stale
-            if reason is None:
-                continue
-            try:
-                self.optuna.set_trial_user_attr(t._trial_id, "error", reason)
-                if not self.optuna.set_trial_state_values(t._trial_id, TrialState.FAIL):
-                    continue
-            except UpdateFinishedTrialError:  # finished meanwhile, or another worker reaped it
-                continue
-            self._lease_file(t._trial_id).unlink(missing_ok=True)
-            failed = self.optuna.get_trial(t._trial_id)
-            self.retry(study, failed)
-            messages.append(f"trial {t.number} ({t.user_attrs.get('key')}): {reason}; " + _retry_note(study, t.number))
+            if reason is not None and (message := self.fail_and_retry(study, t, reason)):
+                self._lease_file(t._trial_id).unlink(missing_ok=True)
+                messages.append(message)
         return messages
 
 
@@ -664,12 +655,10 @@ class DatabaseSweepStorage(SweepStorage):
 
     def liveness(self, t: FrozenTrial, now: float | None = None) -> Liveness:
         now = time.time() if now is None else now
-        h = t.system_attrs.get(self.HOLDER_ATTR)
         p = t.system_attrs.get(self.PROGRESS_ATTR)
         renewed = p.get("renewed_at") if p else None
-        if h and h["host"] == socket.gethostname() and h["pid_namespace"] == _pid_namespace() \
-                and not _pid_alive(h["pid"]):
-            stale = f"worker {h['host']}:{h['pid']} is no longer running"
+        if dead := self._dead_holder(t):
+            stale = dead
         elif renewed is None:
             stale = _since_start(t, now, self.execution.lease_s)
         else:
@@ -679,25 +668,20 @@ class DatabaseSweepStorage(SweepStorage):
         progress = {k: v for k, v in p.items() if k != "renewed_at"} if p else None
         return Liveness(stale, progress, renewed)
 
+    def _dead_holder(self, t: FrozenTrial) -> str | None:
+        """Why ``t``'s worker is known dead (it ran on this host and its process is gone), or None."""
+        h = t.system_attrs.get(self.HOLDER_ATTR)
+        if h and h["host"] == socket.gethostname() and h["pid_namespace"] == _pid_namespace() \
+                and not pid_alive(h["pid"]):
+            return f"worker {h['host']}:{h['pid']} is no longer running"
+        return None
+
     def _reap_dead_holders(self, study: optuna.Study) -> list[str]:
         """Fail and retry the running trials whose worker was on this host and is gone (killed, or
         its Slurm task requeued), without waiting for its heartbeat to go stale."""
-        messages = []
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            h = t.system_attrs.get(self.HOLDER_ATTR)
-            if not (h and h["host"] == socket.gethostname() and h["pid_namespace"] == _pid_namespace()
-                    and not _pid_alive(h["pid"])):
-                continue
-            reason = f"worker {h['host']}:{h['pid']} is no longer running"
-            try:
-                self.optuna.set_trial_user_attr(t._trial_id, "error", reason)
-                if not self.optuna.set_trial_state_values(t._trial_id, TrialState.FAIL):
-                    continue
-            except UpdateFinishedTrialError:  # finished meanwhile, or another worker reaped it
-                continue
-            self.retry(study, self.optuna.get_trial(t._trial_id))
-            messages.append(f"trial {t.number} ({t.user_attrs.get('key')}): {reason}; " + _retry_note(study, t.number))
-        return messages
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        reasons = [(t, self._dead_holder(t)) for t in running]
+        return [m for t, why in reasons if why and (m := self.fail_and_retry(study, t, why))]
 
     def reap(self, study: optuna.Study) -> list[str]:
         dead = self._reap_dead_holders(study)
