@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("bench.sweep.cli", "join a running sweep as one worker (any machine)"),
     "status": ("bench.sweep.cli", "show a sweep's trials by state and its failures"),
     "launch": ("bench.sweep.cli", "write (and submit) a Slurm array job of sweep workers"),
+    "proxy": ("bench.sweep.cli", "serve a database storage to many workers through Optuna's gRPC proxy"),
     "figures": ("bench.analysis.cli", "write all figures and tables of a results directory"),
     "report": ("bench.analysis.cli", "write a self-contained HTML report of a results directory"),
     "leaderboard": ("bench.analysis.cli", "rank stabilizers across sweeps by LR sensitivity and loss"),

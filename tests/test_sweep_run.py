@@ -273,3 +273,56 @@ def test_sixteen_workers_on_one_postgresql_train_each_point_exactly_once(tmp_pat
     trials = assert_exactly_once(path, out, storage)
     assert len(trials) == 32
     assert training_starts(logs) == Counter({t.user_attrs["key"]: 1 for t in trials})
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_workers_through_the_grpc_storage_proxy_train_each_point_exactly_once(tmp_path):
+    """``stabench proxy`` serves the PostgreSQL storage over Optuna's gRPC proxy; workers given
+    ``--storage grpc://HOST:PORT`` share it, and a killed worker's trial is retried through it."""
+    import socket
+
+    storage = _postgres_url()
+    port = _free_port()
+    proxy = subprocess.Popen([STABENCH, "proxy", "--storage", storage, "--port", str(port)], cwd=tmp_path,
+                             stdout=open(tmp_path / "proxy.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proxy.poll() is None, (tmp_path / "proxy.log").read_text()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the proxy did not start listening"
+                time.sleep(0.2)
+        url = f"grpc://127.0.0.1:{port}"
+        name = f"grpc-{uuid.uuid4().hex[:8]}"
+        path = sweep_file(tmp_path, name, lrs=(1e-3, 3e-3, 1e-2, 3e-2), stabilizers="baseline = {}", steps=400)
+        out = tmp_path / "results" / name
+        first = start_worker(path, out, tmp_path / "first.log", url)
+        deadline = time.monotonic() + TIMEOUT_S
+        while not list((out / "checkpoints").glob("*.pt")):  # a trial is training and has checkpointed
+            assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()
+            time.sleep(0.05)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        workers = [start_worker(path, out, tmp_path / f"w{i}.log", url) for i in range(3)]
+        for w in workers:
+            assert w.wait(timeout=TIMEOUT_S) == 0
+        logs = "".join((tmp_path / f"w{i}.log").read_text() for i in range(3))
+        assert "Traceback" not in logs, logs
+        assert logs.count("is no longer running; retrying as trial") == 1
+        trials = assert_exactly_once(path, out, url)
+        resumed = [t for t in trials if t.state == TrialState.COMPLETE and t.system_attrs.get("retry_history")]
+        assert len(resumed) == 1 and resumed[0].user_attrs["resumed_from_step"] > 0
+        assert "***@" in (tmp_path / "proxy.log").read_text()  # the proxy prints the database URL masked
+    finally:
+        proxy.terminate()
+        proxy.wait(timeout=30)

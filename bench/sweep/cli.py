@@ -43,6 +43,11 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--no-enqueue", dest="enqueue", action="store_false",
                        help="only take trials already queued (default: queue the sweep's missing points first)")
         _force_new_protocol(p)
+    elif name == "proxy":
+        p.add_argument("--storage", default=None, metavar="URL",
+                       help=f"the database to serve, e.g. postgresql://user:PASSWORD@host/db (default: ${STORAGE_ENV})")
+        p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+        p.add_argument("--port", type=int, default=13000, help="TCP port to listen on (default: %(default)s)")
     elif name == "status":
         p.add_argument("target", metavar="DIR|FILE.toml",
                        help="results directory (results/<sweep name>) or sweep file")
@@ -126,6 +131,18 @@ def main(name: str, args: argparse.Namespace) -> int:
 def _main(name: str, args: argparse.Namespace) -> int:
     from .spec import load_spec
 
+    if name == "proxy":
+        import os
+
+        from ..errors import UsageError
+        from .storage import mask_url, run_proxy
+        url = args.storage or os.environ.get(STORAGE_ENV)
+        if not url:
+            raise UsageError(f"proxy: give the database with --storage URL or ${STORAGE_ENV}")
+        print(f"serving {mask_url(url)} as grpc://{args.host}:{args.port} (workers: --storage "
+              f"grpc://{args.host}:{args.port}); Ctrl-C stops it", flush=True)
+        run_proxy(url, args.host, args.port)
+        return 0
     if name == "status":
         from .status import locate, render
         print(render(locate(args.target, args.storage, args.out), full_errors=args.full).rstrip("\n"))

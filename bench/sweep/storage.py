@@ -695,6 +695,69 @@ class DatabaseSweepStorage(SweepStorage):
                        f"{self.execution.lease_s:g} s; " + _retry_note(study, t.number) for t in failed]
 
 
+class GrpcSweepStorage(DatabaseSweepStorage):
+    """Optuna's gRPC storage proxy (``grpc://host:port``, served by ``stabench proxy``) in front of one
+    database: hundreds of workers hold one gRPC channel each instead of a database connection pool.
+
+    The proxy forwards the storage API only, so the sweep engine's own parts travel as trial system
+    attributes: each worker's host and pid and its last heartbeat (with the progress report), renewed
+    every ``heartbeat_s``; a trial is stale when its worker is gone from this host or its last
+    heartbeat is older than ``lease_s``. Queueing takes no lock: two workers that queue the same point
+    at once leave a duplicate, which the claim settles (PRUNED, ``duplicate_of``) without training it.
+    """
+
+    def _open(self) -> optuna.storages.BaseStorage:
+        from optuna.storages import GrpcStorageProxy
+
+        host, _, port = self.url.removeprefix("grpc://").rstrip("/").rpartition(":")
+        if not host or not port.isdigit():
+            raise StorageError(f"storage {self.url}: expected grpc://HOST:PORT")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # ExperimentalWarning
+                return GrpcStorageProxy(host=host, port=int(port))
+        except Exception as e:
+            raise StorageError(f"cannot reach the storage proxy {self.url}: {e} "
+                               "(start one with `stabench proxy --storage DATABASE_URL`)") from None
+
+    @contextlib.contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        yield  # none through the proxy; duplicates are settled when claimed
+
+    def hold(self, study: optuna.Study, trial_id: int, number: int, key: str) -> Holder:
+        self.optuna.set_trial_system_attr(trial_id, self.HOLDER_ATTR, {
+            "host": socket.gethostname(), "pid": os.getpid(), "pid_namespace": _pid_namespace()})
+
+        def renew(progress: dict[str, Any]) -> None:
+            self.optuna.set_trial_system_attr(trial_id, self.PROGRESS_ATTR, {**progress, "renewed_at": time.time()})
+
+        def still_ours() -> bool:
+            return self.optuna.get_trial(trial_id).state == TrialState.RUNNING
+
+        return Holder(renew, still_ours, self.execution.heartbeat_s)
+
+    def reap(self, study: optuna.Study) -> list[str]:
+        now, messages = time.time(), []
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            reason = self.liveness(t, now).stale
+            if reason is not None and (message := self.fail_and_retry(study, t, reason)):
+                messages.append(message)
+        return messages
+
+
+def run_proxy(url: str, host: str, port: int) -> None:
+    """Serve database ``url`` to workers as ``grpc://host:port`` until interrupted (Optuna's proxy)."""
+    from optuna.storages import RDBStorage, run_grpc_proxy_server
+
+    if not is_database_url(url) or url.startswith("grpc://"):
+        raise StorageError(f"the proxy serves a database: got {mask_url(url)}")
+    try:
+        storage = RDBStorage(_with_driver(url), engine_kwargs={"pool_pre_ping": True})
+    except Exception as e:
+        raise StorageError(f"cannot open storage {mask_url(url)}: {redact(str(e), url)}") from None
+    run_grpc_proxy_server(storage, host=host, port=port)
+
+
 def _retry_note(study: optuna.Study, number: int) -> str:
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         if number in t.system_attrs.get("retry_history", []):
@@ -710,6 +773,8 @@ def open_storage(url: str | None, out: Path, execution: ExecutionSpec) -> SweepS
     """Open ``url`` (None: $STABENCH_STORAGE, else the journal file in ``out``)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = url or os.environ.get(STORAGE_ENV) or default_storage(out)
+    if url.startswith("grpc://"):
+        return GrpcSweepStorage(url, execution)
     if is_database_url(url):
         return DatabaseSweepStorage(url, execution)
     path = journal_path(url)
