@@ -146,12 +146,17 @@ def test_a_failing_trial_is_listed_with_its_error(tmp_path):
         from dataclasses import dataclass
         from bench.stabilizers import Stabilizer
 
+        calls = [0]
+
         @dataclass(frozen=True)
         class Exploding(Stabilizer):
-            name = "exploding"
+            name = "exploding"  # passes the one-call preflight of plug-ins, then fails in training
 
             def loss_term(self, inputs):
-                raise RuntimeError("exploded on purpose")
+                calls[0] += 1
+                if calls[0] > 1:
+                    raise RuntimeError("exploded on purpose")
+                return None
         """))
     path = sweep_file(tmp_path, "failing", lrs=(1e-2,), stabilizers='baseline = {}\n"exploding.py:Exploding" = {}')
     out = tmp_path / "results" / "failing"

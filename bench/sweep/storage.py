@@ -388,7 +388,7 @@ class Liveness:
 def _since_start(t: FrozenTrial, now: float, lease_s: float) -> str | None:
     """A claimed trial that never renewed: dead once lease_s have passed since it started."""
     age = now - (t.datetime_start.timestamp() if t.datetime_start else now)
-    return f"no heartbeat {age:.0f} s after the trial started (limit {lease_s:g} s)" if age > lease_s else None
+    return f"no lease {age:.0f} s after the trial started (limit {lease_s:g} s)" if age > lease_s else None
 
 
 class RetryStaleTrial(_OptunaRetry):
