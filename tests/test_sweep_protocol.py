@@ -52,3 +52,15 @@ def test_force_new_protocol_starts_a_new_study_whose_rows_stay_apart(tmp_path, c
     assert new.startswith("proto-") and by_sweep[new].tolist() == [30]
     assert _worker(changed, out, "--force-new-protocol") == 0  # the new study is resumed, not refused
     assert len(pd.read_parquet(out / "runs.parquet")) == len(runs)
+
+
+def test_analysis_refuses_to_pool_two_protocols_and_says_which_unless_told(tmp_path, capsys):
+    out = tmp_path / "results" / "proto"
+    assert _worker(sweep_file(tmp_path, "proto", steps=20), out) == 0
+    assert _worker(sweep_file(tmp_path, "proto", steps=30), out, "--force-new-protocol") == 0
+    capsys.readouterr()
+    assert main(["figures", str(out), "--figures", str(tmp_path / "f")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "2 protocols" in err and "steps: 20 → 30" in err and "--study" in err
+    assert main(["figures", str(out), "--figures", str(tmp_path / "f"), "--study", "proto"]) == 0
+    assert main(["figures", str(out), "--figures", str(tmp_path / "g"), "--mixed-protocols"]) == 0

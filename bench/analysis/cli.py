@@ -11,6 +11,7 @@ COMPARE_HELP = ("published results CSV with columns model, stabilizer, lam, lr, 
 
 
 def configure(name: str, parser: argparse.ArgumentParser) -> None:
+    _protocol_flags(parser)
     """Add the arguments of subcommand ``name`` to ``parser`` (imports nothing heavy: ``--help`` stays fast)."""
     if name == "leaderboard":
         parser.add_argument("dirs", nargs="+", metavar="DIR", help="results directories (results/<sweep name>)")
@@ -46,13 +47,21 @@ def configure(name: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", metavar="CSV", help=COMPARE_HELP)
 
 
-def _load(path: str):
+def _protocol_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--study", metavar="NAME", default=None,
+                        help="only the runs of this sweep (a results directory can hold several after "
+                             "`--force-new-protocol`; default: all, which must share one protocol)")
+    parser.add_argument("--mixed-protocols", action="store_true",
+                        help="pool runs of different protocols anyway (default: refuse, naming what differs)")
+
+
+def _load(path: str, args: argparse.Namespace):
     from bench.errors import UsageError
 
     from .results import load_results
 
     try:
-        return load_results(path)
+        return load_results(path, args.study, args.mixed_protocols)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
 
@@ -74,7 +83,7 @@ def _figures(args: argparse.Namespace) -> int:
     from .figures import draw_all, save_figure
     from .tables import write_tables
 
-    res = _load(args.results_dir)
+    res = _load(args.results_dir, args)
     published = _published(args.compare)
     out = Path(args.figures) if args.figures else res.path / "figures"
     written: list[Path] = []
@@ -109,7 +118,7 @@ def _known_outputs(out: Path) -> set[Path]:
 def _report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    res = _load(args.results_dir)
+    res = _load(args.results_dir, args)
     published = _published(args.compare)
     out = Path(args.html) if args.html else res.path / "report.html"
     path = write_report(res, out, published)
@@ -120,7 +129,7 @@ def _report(args: argparse.Namespace) -> int:
 def _leaderboard(args: argparse.Namespace) -> int:
     from .leaderboard import leaderboard, to_text
 
-    return _emit(to_text(leaderboard([_load(d) for d in args.dirs])), args.markdown)
+    return _emit(to_text(leaderboard([_load(d, args) for d in args.dirs])), args.markdown)
 
 
 def _emit(text: str, out: str | None) -> int:
@@ -136,8 +145,8 @@ def _emit(text: str, out: str | None) -> int:
 def _claims(args: argparse.Namespace) -> int:
     from .claims import markdown
 
-    res = _load(args.results_dir)
-    lam = _load(args.lambda_dir).runs if args.lambda_dir else None
+    res = _load(args.results_dir, args)
+    lam = _load(args.lambda_dir, args).runs if args.lambda_dir else None
     return _emit(markdown(res.runs, lam, _published(args.compare), lr_max=args.lr_max), args.markdown)
 
 
@@ -151,7 +160,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     if len(args.dirs) < 2:
         raise UsageError(f"compare needs two or more results directories, got {len(args.dirs)}")
-    results = [_load(d) for d in args.dirs]
+    results = [_load(d, args) for d in args.dirs]
     labels = cmp.folder_labels(args.dirs)
     cmp.check_protocols(results, labels)  # before anything is written
     c = cmp.compare(results, labels)

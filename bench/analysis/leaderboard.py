@@ -37,32 +37,20 @@ import numpy as np
 import pandas as pd
 
 from .metrics import lambda_sensitivity, lrs_table
-from .results import Results, hp_label, model_order, prepare_runs, stabilizer_label
+from .results import Results, hp_label, model_order, prepare_runs, protocol_part, stabilizer_label
 from .stats import bootstrap_ci
 from .tables import fmt, to_markdown
 
 CI_LEVEL = 0.95
 
-PER_TRIAL_FIELDS = ("stabilizer", "hparams", "lr", "seed", "data_seed", "model", "weight_tying", "sweep",
-                    "log_every", "micro_batch_size", "device", "compile", "threads", "precision")
 PROTOCOL_COLUMNS = ("vocab_size", "seq_len", "batch_size", "steps", "warmup", "data", "L0")
-
-
-def _protocol_part(config: object) -> str:
-    try:
-        d = json.loads(config) if isinstance(config, str) else None
-    except json.JSONDecodeError:
-        d = None
-    if not isinstance(d, dict):
-        return ""
-    return json.dumps({k: v for k, v in d.items() if k not in PER_TRIAL_FIELDS}, sort_keys=True, default=str)
 
 
 def protocol_of(runs: pd.DataFrame) -> tuple[str, str]:
     """(12-hex fingerprint, one-line description) of the protocol a runs frame was made under."""
     runs = prepare_runs(runs)
     if "config" in runs.columns and runs["config"].notna().any():
-        settings = sorted({_protocol_part(c) for c in runs["config"]})
+        settings = sorted({protocol_part(c) for c in runs["config"]})
     else:
         cols = [c for c in PROTOCOL_COLUMNS if c in runs.columns]
         settings = sorted({json.dumps([str(v) for v in row]) for row in runs[cols].itertuples(index=False)})

@@ -239,14 +239,72 @@ def provenance(runs: pd.DataFrame, sweep_toml: str | None = None, sweep_meta: di
     return out
 
 
-def load_results(path: str | Path) -> Results:
+PER_TRIAL_FIELDS = ("stabilizer", "hparams", "lr", "seed", "data_seed", "model", "weight_tying", "precision")
+"""Config fields a sweep varies per trial (precision: a curve's identity in every table): not its protocol."""
+
+
+def protocol_part(config: object) -> str:
+    """The protocol a run's ``config`` JSON was made under, as canonical JSON ('' if unreadable):
+    every setting but the per-trial and execution fields."""
+    try:
+        d = json.loads(config) if isinstance(config, str) else None
+    except json.JSONDecodeError:
+        d = None
+    if not isinstance(d, dict):
+        return ""
+    skip, defaults = _not_protocol()
+    return json.dumps({k: v for k, v in d.items() if k not in skip and not (k in defaults and v == defaults[k])},
+                      sort_keys=True, default=str)
+
+
+def _not_protocol() -> tuple[set[str], dict[str, Any]]:
+    """Fields that never define a protocol (per-trial, execution) and the defaults of fields added
+    since key version 1 (at their default they are absent from older configs: the same protocol)."""
+    import dataclasses
+
+    from bench.config import RunConfig, fields_with
+
+    skip = set(PER_TRIAL_FIELDS) | {f.name for f in fields_with(role="execution")}
+    defaults = {f.name: (f.default_factory() if f.default is dataclasses.MISSING else f.default)
+                for f in dataclasses.fields(RunConfig) if f.metadata.get("key") == "if_not_default"}
+    return skip, defaults
+
+
+def _changed(a: str, b: str) -> str:
+    """``key: x → y`` for the settings in which two protocol parts differ."""
+    from bench.config import protocol_changes
+
+    return "; ".join(protocol_changes(json.loads(a or "{}"), json.loads(b or "{}")))
+
+
+def one_protocol(runs: pd.DataFrame, where: str, study: str | None = None, mixed: bool = False) -> pd.DataFrame:
+    """The runs of one protocol: all of them when they share one (or ``mixed``), those of sweep ``study``
+    when given; else a ValueError naming the sweeps, what differs and the two ways out."""
+    if study is not None:
+        runs = runs[runs["sweep"] == study]
+        if runs.empty:
+            raise ValueError(f"{where}: no runs of sweep {study!r}")
+    if mixed or "config" not in runs.columns:
+        return runs
+    parts = runs["config"].map(protocol_part)
+    if parts.nunique() <= 1:
+        return runs
+    first, second = parts.unique()[:2]
+    sweeps = {p: sorted(runs.loc[parts == p, "sweep"].astype(str).unique()) for p in (first, second)}
+    raise ValueError(f"{where}: holds runs of {parts.nunique()} protocols (sweeps {', '.join(sweeps[first])} vs "
+                     f"{', '.join(sweeps[second])}: {_changed(first, second)}); pick one with --study NAME, or "
+                     "pool them anyway with --mixed-protocols")
+
+
+def load_results(path: str | Path, study: str | None = None, mixed: bool = False) -> Results:
     """Read ``runs.parquet``, ``curves.parquet`` and, if present, ``sweep.toml`` / ``sweep.json``.
 
     ``sweep.toml`` is a copy of the sweep file, ``sweep.json`` the sweep engine's record of it
     (its ``sweep_hash`` / ``hash`` / ``sha256`` key is the sweep file hash; ``name`` its name).
 
     Raises FileNotFoundError when the directory or its ``runs.parquet`` is missing and
-    ValueError when it holds no runs.
+    ValueError when it holds no runs, or runs of several protocols (see :func:`one_protocol`:
+    ``study`` selects one sweep's runs, ``mixed`` pools them all).
     """
     from bench import records
 
@@ -258,6 +316,7 @@ def load_results(path: str | Path) -> Results:
     runs = records.read_runs(p)
     if runs.empty:
         raise ValueError(f"{p / 'runs.parquet'}: holds no runs")
+    runs = one_protocol(runs, str(p / "runs.parquet"), study, mixed)
     curves = records.read_curves(p)
     toml_bytes = (p / "sweep.toml").read_bytes() if (p / "sweep.toml").is_file() else None
     toml_text = toml_bytes.decode("utf-8", errors="replace") if toml_bytes is not None else None
