@@ -15,14 +15,13 @@ import os
 import platform
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import provenance, runtime
 from .config import RunConfig, from_dict
-from .model import CPU_PRESETS, STUDY_PRESETS, flops_per_token
+from .model import flops_per_token
 from .precision import resolve_precision
 from .stabilizers import BUILTIN
 

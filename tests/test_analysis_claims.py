@@ -1,10 +1,9 @@
 """Claims (a)-(e) of the reference study, judged from runs: the verdict rules on planted data."""
 import numpy as np
 import pandas as pd
-import pytest
 
 from bench.analysis.claims import claims_table, lambda_verdict, markdown
-from test_analysis_metrics import LN256, runs_frame
+from test_analysis_metrics import runs_frame
 
 LRS_GRID = (1e-3, 1e-2, 1e-1)
 

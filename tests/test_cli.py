@@ -1,7 +1,4 @@
 """The command line: every subcommand listed; bad input is one clear line, exit code 2, nothing written."""
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 

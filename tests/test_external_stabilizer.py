@@ -3,7 +3,6 @@ by ``module:Class``, by ``path/file.py:Class``, and by an entry point in group `
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pandas as pd

@@ -22,7 +22,6 @@ import json
 from pathlib import Path
 
 import pandas as pd
-import pytest
 import torch
 
 from bench.config import from_dict

@@ -11,7 +11,6 @@ tests. Array tasks run the installed ``stabench worker`` exactly as on a cluster
 """
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 import uuid
@@ -24,7 +23,7 @@ from optuna.trial import TrialState
 from bench.config import from_dict
 from bench.trainer import train_members
 from services import postgres_url, slurm
-from test_sweep_run import STABENCH, assert_exactly_once, study_trials
+from test_sweep_run import STABENCH, assert_exactly_once, sweep_file
 
 JOB_TIMEOUT_S = 300
 
@@ -36,33 +35,9 @@ def cluster() -> str:
     return postgres_url()
 
 
-def sweep_file(tmp_path: Path, name: str, lrs, steps: int, extra: str = "") -> Path:
-    path = tmp_path / f"{name}.toml"
-    path.write_text(f"""\
-name = "{name}"
-[train]
-steps = {steps}
-warmup = 2
-batch_size = 4
-seq_len = 32
-vocab_size = 256
-eval_every = 50
-eval_batches = 1
-log_every = 10
-precision = "fp32"
-device = "cpu"
-data = "synthetic:tokens=50000"
-[grid]
-models = ["nano"]
-lr = {list(lrs)}
-[stabilizers]
-baseline = {{}}
-[execution]
-checkpoint_every = 10
-heartbeat_s = 1
-lease_s = 30
-{extra}""")
-    return path
+def cluster_sweep(tmp_path: Path, name: str, lrs, steps: int, extra: str = "") -> Path:
+    """test_sweep_run's tiny sweep (nano, V = 256, checkpoints every 10 steps) with a 30 s lease."""
+    return sweep_file(tmp_path, name, lrs=lrs, stabilizers="baseline = {}", steps=steps, extra="lease_s = 30\n" + extra)
 
 
 def submit(path: Path, out: Path, url: str, array: int) -> str:
@@ -129,7 +104,7 @@ def recorded_curves(out: Path) -> pd.DataFrame:
 
 def test_an_array_of_two_workers_trains_the_sweep_exactly_once(cluster, tmp_path):
     name = f"slurm2-{uuid.uuid4().hex[:8]}"
-    path = sweep_file(tmp_path, name, lrs=(1e-3, 3e-3, 1e-2, 3e-2), steps=60)
+    path = cluster_sweep(tmp_path, name, lrs=(1e-3, 3e-3, 1e-2, 3e-2), steps=60)
     out = tmp_path / "results" / name
     job = submit(path, out, cluster, array=2)
     wait_done(job, out)
@@ -143,7 +118,7 @@ def test_an_array_of_two_workers_trains_the_sweep_exactly_once(cluster, tmp_path
 def test_a_requeued_task_resumes_its_trials_from_the_checkpoint(cluster, tmp_path, pack):
     name = f"requeue{pack}-{uuid.uuid4().hex[:8]}"
     lrs = (1e-3,) if pack == 1 else (1e-3, 3e-3, 1e-2, 3e-2)
-    path = sweep_file(tmp_path, name, lrs=lrs, steps=400, extra=f"pack = {pack}\n")
+    path = cluster_sweep(tmp_path, name, lrs=lrs, steps=400, extra=f"pack = {pack}\n")
     out = tmp_path / "results" / name
     job = submit(path, out, cluster, array=1)
     wait_for(lambda: any((out / "checkpoints").glob("*.pt")), "a checkpoint", job, out)

@@ -62,7 +62,7 @@ def check_text(path: str) -> None:
                 offset += len(chunk)
             try:
                 decoder.decode(b"", final=True)
-            except UnicodeDecodeError as e:
+            except UnicodeDecodeError:
                 raise DataError(f"text:{path}: {f} is not UTF-8 text (it ends inside a character)") from None
         total += offset
     if total == 0:
