@@ -51,12 +51,13 @@ def submit(path: Path, out: Path, url: str, array: int) -> str:
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
-def squeue(job: str) -> list[str]:
+def squeue(job: str, every: bool = False) -> list[str]:
     """``TASK STATE`` of the job's array tasks that have not finished (pending, running, completing,
-    requeued…); finished tasks stay listed with ``-t all`` (MinJobAge), so a requeue never looks like an end."""
+    requeued…), or of all of them (``every``); finished tasks stay listed with ``-t all`` (MinJobAge)."""
     out = subprocess.run(["squeue", "-h", "-t", "all", "-j", job, "-o", "%i %T"], capture_output=True,
                          text=True).stdout
-    return [line for line in out.splitlines() if line.strip() and line.split()[-1] not in FINISHED]
+    lines = [line for line in out.splitlines() if line.strip()]
+    return lines if every else [line for line in lines if line.split()[-1] not in FINISHED]
 
 
 def wait_done(job: str, out: Path) -> None:
@@ -83,12 +84,15 @@ def requeue(job: str) -> None:
     begin time, which ``StartTime=now`` lifts only once the killed task has finished completing."""
     subprocess.run(["scontrol", "requeue", f"{job}_0"], check=True, capture_output=True, timeout=30)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        states = squeue(job)
-        if not states or any("RUNNING" in s for s in states):
+    seen = []
+    while time.monotonic() < deadline:  # a requeued task passes through CANCELLED/REQUEUED and PENDING first
+        states = squeue(job, every=True)
+        seen.append(states)
+        if any(line.endswith(" RUNNING") for line in states):
             return
         subprocess.run(["scontrol", "update", f"JobId={job}_0", "StartTime=now"], capture_output=True, timeout=30)
         time.sleep(0.5)
+    raise AssertionError(f"requeued task of job {job} never ran again; states seen: {seen[-5:]}")
 
 
 def uninterrupted_curves(trials) -> pd.DataFrame:
