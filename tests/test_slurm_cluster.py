@@ -88,11 +88,14 @@ def requeue(job: str) -> None:
     while time.monotonic() < deadline:  # a requeued task passes through CANCELLED/REQUEUED and PENDING first
         states = squeue(job, every=True)
         seen.append(states)
-        if any(line.endswith(" RUNNING") for line in states):
-            return
+        show = subprocess.run(["scontrol", "show", "job", f"{job}_0"], capture_output=True, text=True).stdout
+        if any(line.endswith(" RUNNING") for line in states) or ("Restarts=0" not in show and "PENDING" not in show
+                                                                 and "Restarts=" in show):
+            return  # it runs again (or already ran again and ended: the assertions that follow read its log)
         subprocess.run(["scontrol", "update", f"JobId={job}_0", "StartTime=now"], capture_output=True, timeout=30)
         time.sleep(0.5)
-    raise AssertionError(f"requeued task of job {job} never ran again; states seen: {seen[-5:]}")
+    raise AssertionError(f"requeued task of job {job} never ran again; states seen: {seen[-5:]}; "
+                         + subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout)
 
 
 def uninterrupted_curves(trials) -> pd.DataFrame:
