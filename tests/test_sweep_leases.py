@@ -16,12 +16,14 @@ from optuna.trial import TrialState
 from bench.sweep.spec import load_spec
 from bench.sweep.storage import Lease, _pid_namespace, mask_url, open_storage, redact
 from bench.sweep.trials import TrialQueue
+from services import postgres_url
 
 
-def make_queue(tmp_path, max_retries: int = 2, lease_s: float = 60.0) -> TrialQueue:
+def make_queue(tmp_path, max_retries: int = 2, lease_s: float = 60.0, storage: str | None = None,
+               name: str = "leases") -> TrialQueue:
     path = tmp_path / "leases.toml"
     path.write_text(textwrap.dedent(f"""\
-        name = "leases"
+        name = "{name}"
         [train]
         steps = 20
         warmup = 2
@@ -38,7 +40,7 @@ def make_queue(tmp_path, max_retries: int = 2, lease_s: float = 60.0) -> TrialQu
         """))
     spec = load_spec(path)
     out = tmp_path / "out"
-    queue = TrialQueue(spec, open_storage(None, out, spec.execution), out)
+    queue = TrialQueue(spec, open_storage(storage, out, spec.execution), out)
     assert queue.enqueue() == 2
     return queue
 
@@ -86,6 +88,31 @@ def test_a_trial_whose_lease_expired_is_failed_and_retried_up_to_the_limit(tmp_p
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING, TrialState.FAIL]
     p = queue.progress()
     assert (p.total, p.failed, p.queued, p.running) == (2, 1, 1, 0)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_claimed_retry_is_not_mistaken_for_its_dead_predecessor(tmp_path, kind):
+    """Optuna copies a failed trial's system attributes into its retry; the dead worker's holder
+    must not travel with them, or the retry, claimed and not yet held by its new worker, is reaped
+    again (two workers, one crashed with UpdateFinishedTrialError: seen in CI through the gRPC proxy)."""
+    from bench.sweep.storage import HOLDER_ATTR, PROGRESS_ATTR
+
+    url = postgres_url() if kind == "postgresql" else f"sqlite:///{tmp_path / 'db.sqlite'}"
+    queue = make_queue(tmp_path, storage=url, name=f"retry-holder-{time.monotonic_ns() % 10**9}")
+    st = queue.storage.optuna
+    claim = queue.claim()
+    dead_pid = 2 ** 22 + 1  # above the kernel's pid_max default: never a live process
+    st.set_trial_system_attr(claim.trial_id, HOLDER_ATTR,
+                             {"host": socket.gethostname(), "pid": dead_pid, "pid_namespace": _pid_namespace()})
+    st.set_trial_system_attr(claim.trial_id, PROGRESS_ATTR, {"step": 5, "steps": 20, "renewed_at": time.time()})
+    (message,) = queue.reap()
+    assert "is no longer running; retrying as trial 2" in message
+    retry = queue.claim()
+    assert retry.number == 2 and retry.key == claim.key
+    attrs = st.get_trial(retry.trial_id).system_attrs
+    assert HOLDER_ATTR not in attrs and PROGRESS_ATTR not in attrs and attrs["retry_history"] == [claim.number]
+    assert queue.reap() == []  # claimed a moment ago and not yet held: alive for lease_s from its start
+    assert st.get_trial(retry.trial_id).state == TrialState.RUNNING
 
 
 def test_a_held_trial_is_renewed_and_never_reaped(tmp_path):

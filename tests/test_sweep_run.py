@@ -319,9 +319,9 @@ def test_workers_through_the_grpc_storage_proxy_train_each_point_exactly_once(tm
         first.send_signal(signal.SIGKILL)
         first.wait()
         workers = [start_worker(path, out, tmp_path / f"w{i}.log", url) for i in range(3)]
-        for w in workers:
-            assert w.wait(timeout=TIMEOUT_S) == 0
+        codes = [w.wait(timeout=TIMEOUT_S) for w in workers]
         logs = "".join((tmp_path / f"w{i}.log").read_text() for i in range(3))
+        assert codes == [0, 0, 0], logs + (tmp_path / "proxy.log").read_text()
         assert "Traceback" not in logs, logs
         assert logs.count("is no longer running; retrying as trial") == 1
         trials = assert_exactly_once(path, out, url)

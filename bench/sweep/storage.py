@@ -391,13 +391,22 @@ def _since_start(t: FrozenTrial, now: float, lease_s: float) -> str | None:
     return f"no lease {age:.0f} s after the trial started (limit {lease_s:g} s)" if age > lease_s else None
 
 
+HOLDER_ATTR = "stabench_holder"  # trial system attribute: {host, pid, pid_namespace} of its worker
+PROGRESS_ATTR = "stabench_progress"  # trial system attribute: Holder.progress + renewed_at, each heartbeat
+
+
 class RetryStaleTrial(_OptunaRetry):
     """Optuna's retry of a stale trial, keeping only the attributes that define it (not the
-    failed attempt's worker, error or progress)."""
+    failed attempt's worker, error or progress).
+
+    Optuna copies every system attribute into the retry; the failed attempt's holder must not be
+    among them, or the retry, once claimed and before its new worker holds it, would look like the
+    dead worker's trial and be reaped a second time."""
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         trial = copy.deepcopy(trial)
         trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k in DEFINITION_ATTRS}
+        trial.system_attrs = {k: v for k, v in trial.system_attrs.items() if k not in (HOLDER_ATTR, PROGRESS_ATTR)}
         super().__call__(study, trial)
 
 
@@ -637,8 +646,7 @@ class DatabaseSweepStorage(SweepStorage):
             finally:
                 conn.execute(text(release), {"k": ident})
 
-    HOLDER_ATTR = "stabench_holder"  # trial system attribute: {host, pid, pid_namespace} of its worker
-    PROGRESS_ATTR = "stabench_progress"  # trial system attribute: Holder.progress + renewed_at, each heartbeat
+    HOLDER_ATTR, PROGRESS_ATTR = HOLDER_ATTR, PROGRESS_ATTR
 
     def hold(self, study: optuna.Study, trial_id: int, number: int, key: str) -> Holder:
         self.optuna.set_trial_system_attr(trial_id, self.HOLDER_ATTR, {
