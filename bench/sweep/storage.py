@@ -646,15 +646,13 @@ class DatabaseSweepStorage(SweepStorage):
             finally:
                 conn.execute(text(release), {"k": ident})
 
-    HOLDER_ATTR, PROGRESS_ATTR = HOLDER_ATTR, PROGRESS_ATTR
-
     def hold(self, study: optuna.Study, trial_id: int, number: int, key: str) -> Holder:
-        self.optuna.set_trial_system_attr(trial_id, self.HOLDER_ATTR, {
+        self.optuna.set_trial_system_attr(trial_id, HOLDER_ATTR, {
             "host": socket.gethostname(), "pid": os.getpid(), "pid_namespace": _pid_namespace()})
 
         def renew(progress: dict[str, Any]) -> None:
             self.optuna.record_heartbeat(trial_id)
-            self.optuna.set_trial_system_attr(trial_id, self.PROGRESS_ATTR, {**progress, "renewed_at": time.time()})
+            self.optuna.set_trial_system_attr(trial_id, PROGRESS_ATTR, {**progress, "renewed_at": time.time()})
 
         def still_ours() -> bool:
             return self.optuna.get_trial(trial_id).state == TrialState.RUNNING
@@ -663,7 +661,7 @@ class DatabaseSweepStorage(SweepStorage):
 
     def liveness(self, t: FrozenTrial, now: float | None = None) -> Liveness:
         now = time.time() if now is None else now
-        p = t.system_attrs.get(self.PROGRESS_ATTR)
+        p = t.system_attrs.get(PROGRESS_ATTR)
         renewed = p.get("renewed_at") if p else None
         if dead := self._dead_holder(t):
             stale = dead
@@ -678,7 +676,7 @@ class DatabaseSweepStorage(SweepStorage):
 
     def _dead_holder(self, t: FrozenTrial) -> str | None:
         """Why ``t``'s worker is known dead (it ran on this host and its process is gone), or None."""
-        h = t.system_attrs.get(self.HOLDER_ATTR)
+        h = t.system_attrs.get(HOLDER_ATTR)
         if h and h["host"] == socket.gethostname() and h["pid_namespace"] == _pid_namespace() \
                 and not pid_alive(h["pid"]):
             return f"worker {h['host']}:{h['pid']} is no longer running"
@@ -733,11 +731,11 @@ class GrpcSweepStorage(DatabaseSweepStorage):
         yield  # none through the proxy; duplicates are settled when claimed
 
     def hold(self, study: optuna.Study, trial_id: int, number: int, key: str) -> Holder:
-        self.optuna.set_trial_system_attr(trial_id, self.HOLDER_ATTR, {
+        self.optuna.set_trial_system_attr(trial_id, HOLDER_ATTR, {
             "host": socket.gethostname(), "pid": os.getpid(), "pid_namespace": _pid_namespace()})
 
         def renew(progress: dict[str, Any]) -> None:
-            self.optuna.set_trial_system_attr(trial_id, self.PROGRESS_ATTR, {**progress, "renewed_at": time.time()})
+            self.optuna.set_trial_system_attr(trial_id, PROGRESS_ATTR, {**progress, "renewed_at": time.time()})
 
         def still_ours() -> bool:
             return self.optuna.get_trial(trial_id).state == TrialState.RUNNING
