@@ -21,7 +21,7 @@ import pydantic
 from pydantic import ConfigDict, TypeAdapter
 
 from .errors import ConfigError
-from .presets import PRESETS, ModelConfig, preset
+from .presets import ARCH_VERSION, PRESETS, ModelConfig, preset
 
 
 Precision = Literal["auto", "fp32", "bf16", "bf16-emu", "fp64"]
@@ -31,8 +31,12 @@ Precision = Literal["auto", "fp32", "bf16", "bf16-emu", "fp64"]
 Role = Literal["run", "execution"]
 """A field's role: ``run`` defines what is trained (in the key); ``execution`` how or where (not)."""
 KeyRule = Literal["always", "if_not_default"]
-"""How a run field enters the key: ``always`` (the fields of key version 1; no new field may
-take it, it would change every key) or ``if_not_default`` (only when it differs from its default)."""
+"""How a run field enters the key: ``always`` (the fields of key version 2, which came with
+``arch_version`` 2 and changed every key; no new field may take it, it would change every key
+again) or ``if_not_default`` (only when it differs from its default)."""
+RuleMode = Literal["stop", "record", "off"]
+"""What a divergence rule does when it fires: stop the run (``diverged``), only record the first
+step it fired (``divergence_events``), or nothing."""
 FLAGS = ("pack_shared", "axis", "cli")
 """Optional metadata flags: ``pack_shared`` (int: rank in ``pack_key``; must be equal within a pack),
 ``axis`` (str: where a sweep file sets it instead of ``[train]``), ``cli`` (int: rank of its
@@ -59,17 +63,21 @@ def _field(role: Role, default: Any, factory: Any, **meta: Any) -> Any:
 
 @dataclass(frozen=True)
 class DivergenceConfig:
-    """When a run counts as diverged (it then stops and is recorded with the reason).
+    """The divergence rules, each ``stop`` (the run stops and counts as diverged, with the reason),
+    ``record`` (the run goes on; the first step the rule fired is recorded) or ``off``:
 
-    - non-finite loss or gradient norm;
-    - after warmup, train loss above L0 + ``loss_margin`` nats (L0 = ln V);
-    - a spike: train loss above the mean of the previous ``spike_window`` steps by more than
+    - ``nonfinite``: a non-finite loss or gradient norm;
+    - ``loss_above_L0``: after warmup, train loss above L0 + ``loss_margin`` nats (L0 = ln V);
+    - ``spike``: train loss above the mean of the previous ``spike_window`` steps by more than
       ``spike_sigma`` standard deviations *and* by more than ``spike_min_jump`` nats
       (OLMo-core's stability monitor uses 6σ over 128 steps; the absolute floor keeps the
       noise of tiny models from counting). The largest z-score seen is recorded as
-      ``spike_score`` either way; set ``stop_on_spike = false`` to only record it.
+      ``spike_score`` in every mode.
 
-    Its fields are hashed into ``RunConfig.key()`` by the same rules as RunConfig's.
+    Every rule that fired, in any mode but ``off``, is in the run's ``divergence_events``.
+    The study stops no run early: its protocol is ``nonfinite = "stop"`` and the others ``record``
+    (``sweeps/paper-wortsman.toml``). Its fields are hashed into ``RunConfig.key()`` by the
+    same rules as RunConfig's.
     """
 
     __pydantic_config__ = ConfigDict(extra="forbid")
@@ -78,8 +86,11 @@ class DivergenceConfig:
     spike_sigma: float = run_field(6.0, key="always")
     spike_window: int = run_field(128, key="always")
     spike_min_jump: float = run_field(1.0, key="always")
-    stop_on_spike: bool = run_field(True, key="always")
+    nonfinite: RuleMode = run_field("stop", key="always")
+    loss_above_L0: RuleMode = run_field("stop", key="always")
+    spike: RuleMode = run_field("stop", key="always")
 
+    RULES: ClassVar[tuple[str, ...]] = ("nonfinite", "loss_above_L0", "spike")
     MIN_SPIKE_WINDOW: ClassVar[int] = 8  # the spike test needs this many previous steps
 
     def check(self, source: str | None = None) -> "DivergenceConfig":
@@ -117,6 +128,7 @@ class RunConfig:
 
     # what is trained
     model: str = run_field("micro", key="always", axis="[grid] as models = [...]", pack_shared=0, cli=0)
+    arch_version: int = run_field(ARCH_VERSION, key="always", pack_shared=17)  # bench.model's; only the current one trains
     stabilizer: str = run_field("baseline", key="always", axis="[stabilizers]", pack_shared=12, cli=1)
     hparams: dict[str, float] = run_field(factory=dict, key="always",  # e.g. {"lam": 1e-4} or {"cap": 30}
                                           axis="[stabilizers] as <stabilizer>.<name> = [...]")
@@ -138,8 +150,10 @@ class RunConfig:
     grad_clip: float = run_field(1.0, key="always", cli=20)
     precision: Precision = run_field("auto", key="always", pack_shared=11, cli=14)
     eval_every: int = run_field(100, key="always", pack_shared=8, cli=16)
-    eval_batches: int = run_field(4, key="always", pack_shared=9, cli=17)
+    eval_batches: int = run_field(4, key="always", pack_shared=9, cli=17)  # periodic evaluations
+    final_eval_batches: int | None = run_field(None, pack_shared=18)  # the final evaluation; None = eval_batches
     divergence: DivergenceConfig = run_field(factory=DivergenceConfig, key="always")
+    tf32: bool = run_field(False, pack_shared=19)  # CUDA only: TF32 fp32 matmuls (the study's); no effect on CPU
     # how and where it is trained (not part of the key)
     sweep: str = execution_field("", axis="the top-level name")
     log_every: int = execution_field(10, pack_shared=10, cli=18)
@@ -155,6 +169,11 @@ class RunConfig:
     def model_config(self) -> ModelConfig:
         return preset(self.model, vocab_size=self.vocab_size, seq_len=self.seq_len,
                       weight_tying=self.weight_tying)
+
+    @property
+    def resolved_final_eval_batches(self) -> int:
+        """Validation batches of the final evaluation (``final_eval_batches``, else ``eval_batches``)."""
+        return self.eval_batches if self.final_eval_batches is None else self.final_eval_batches
 
     @property
     def resolved_data_seed(self) -> int:
@@ -201,10 +220,14 @@ class RunConfig:
 
         if self.model not in PRESETS:
             fail("model", f"unknown preset {self.model!r}; allowed: {', '.join(PRESETS)}")
+        if self.arch_version != ARCH_VERSION:
+            fail("arch_version", f"this stabench trains architecture version {ARCH_VERSION} only, got "
+                 f"{self.arch_version!r} (older versions' results stay readable; bench/presets.py lists them)")
         _check_finite(self, "", source)
         positive = {"lr": self.lr, "steps": self.steps, "batch_size": self.batch_size,
                     "seq_len": self.seq_len, "vocab_size": self.vocab_size, "eval_every": self.eval_every,
-                    "eval_batches": self.eval_batches, "log_every": self.log_every}
+                    "eval_batches": self.eval_batches, "log_every": self.log_every,
+                    "final_eval_batches": self.resolved_final_eval_batches}
         for k, v in positive.items():
             if not (v > 0 and math.isfinite(v)):
                 fail(k, f"must be > 0, got {v!r}")

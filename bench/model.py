@@ -1,9 +1,16 @@
-"""Decoder-only GPT of the reference study, in one file.
+"""Decoder-only GPT of the reference study, in one file (architecture version ``ARCH_VERSION``).
 
-Token embedding → n_layer pre-LayerNorm blocks (RoPE attention with head-wise
-qk-LayerNorm, SwiGLU MLP) → final LayerNorm → LM head E ∈ R^{V×H}.
-No biases anywhere. Linear layers use Xavier-normal init, embeddings N(0, σ²)
-with σ = 1/√H. With weight tying, E *is* the token-embedding matrix.
+Token embedding → n_layer pre-LayerNorm blocks (partial RoPE attention with head-wise
+qk-LayerNorm, SwiGLU MLP) → final LayerNorm → LM head E ∈ R^{V×H}. No biases; every
+LayerNorm has a gain and ε = 1e-5. This is, in function and initialization, the model of
+the study authors' nanoGPT fork (flxst/output-embedding-centering, ``nanoGPT/model.py``):
+
+- SwiGLU hidden width F = 256·⌈⌊8H/3⌋/256⌉ (``ModelConfig.ffn_dim``).
+- RoPE on the first half of each head's dimensions, interleaved pairs (``apply_rope``).
+- Init: every linear Xavier-normal (SwiGLU's two input projections each as its own
+  (F×H) matrix), except the attention output projection, N(0, (0.02/√(2L))²); the token
+  embedding N(0, 1/H). With weight tying E *is* the token embedding and gets the LM
+  head's Xavier-normal init (std √(2/(V+H))), as in the study, where it runs after tying.
 
 Shapes: B batch, T sequence length, H width (n_embd), V vocabulary size.
 The forward pass has no Python-level per-example logic, so a model can be
@@ -17,22 +24,39 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .presets import (CPU_PRESETS, PRESETS, STUDY_PRESETS, ModelConfig, count_params,  # noqa: F401
+from .presets import (ARCH_VERSION, CPU_PRESETS, PRESETS, STUDY_PRESETS, ModelConfig, count_params,  # noqa: F401
                       flops_per_token, preset)
 
 
 def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (T, head_dim/2) for rotary position embedding."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    """cos, sin of shape (T, head_dim/4), float64, for the study's partial rotary embedding.
+
+    The study (its nanoGPT fork, via lucidrains' rotary-embedding-torch) rotates only the
+    first half of each head's dimensions: rotary dim R = head_dim/2, frequencies
+    θ^(−2j/R) for j = 0 … R/2 − 1 with θ = 10,000, positions 0 … T − 1. The tables are
+    computed in float64; ``GPT.to(dtype)`` casts them to the run's dtype with the weights.
+    """
+    rot = head_dim // 2
+    inv_freq = base ** (-torch.arange(0, rot, 2, dtype=torch.float64) / rot)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
-    return angles.cos().float(), angles.sin().float()
+    return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (first half, second half) of the last dim. x: (B, n_head, T, head_dim)."""
-    x1, x2 = x.chunk(2, dim=-1)
+    """Partial, interleaved RoPE on the last dim of x (..., T, head_dim); cos, sin (T, head_dim/4).
+
+    The first R = head_dim/2 dimensions form R/2 interleaved pairs (x[2j], x[2j+1]), each
+    rotated by angle t·θ^(−2j/R) at position t:
+        (x[2j], x[2j+1]) ← (x[2j]·cos − x[2j+1]·sin, x[2j+1]·cos + x[2j]·sin);
+    the other head_dim/2 dimensions pass unrotated. So q·k after RoPE depends on the
+    positions of q and k only through their offset, and norms are preserved.
+    """
+    rot = 2 * cos.shape[-1]
+    pairs, rest = x[..., :rot].unflatten(-1, (-1, 2)), x[..., rot:]
+    even, odd = pairs[..., 0], pairs[..., 1]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    rotated = torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(-2)
+    return torch.cat([rotated, rest], dim=-1)
 
 
 class Attention(nn.Module):
@@ -53,6 +77,8 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
+    """down(silu(W·x) ⊙ (V·x)); W and V are stored as one (2F×H) matrix [W; V] (one matmul)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate_up = nn.Linear(cfg.n_embd, 2 * cfg.ffn_dim, bias=False)
@@ -79,8 +105,9 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.n_embd % cfg.n_head or cfg.head_dim % 2:
-            raise ValueError(f"n_embd={cfg.n_embd} must split into {cfg.n_head} heads of even size")
+        if cfg.n_embd % cfg.n_head or cfg.head_dim % 4:
+            raise ValueError(f"n_embd={cfg.n_embd} must split into {cfg.n_head} heads of a size divisible by 4 "
+                             "(RoPE rotates pairs in the first half of each head)")
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
@@ -89,15 +116,20 @@ class GPT(nn.Module):
         cos, sin = rope_tables(cfg.seq_len, cfg.head_dim)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
         if cfg.weight_tying:
             self.lm_head.weight = self.wte.weight
+        self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for m in self.modules():
+        """The study's initialization (module docstring); with tying the shared matrix ends Xavier-normal."""
+        nn.init.normal_(self.wte.weight, std=1.0 / math.sqrt(self.cfg.n_embd))
+        for m in self.modules():  # lm_head last: with tying it overwrites the embedding's init
             if isinstance(m, nn.Linear):
                 nn.init.xavier_normal_(m.weight)
-        nn.init.normal_(self.wte.weight, std=1.0 / math.sqrt(self.cfg.n_embd))
+        for block in self.blocks:
+            for w in block.mlp.gate_up.weight.chunk(2):  # W and V: two (F×H) matrices, Xavier each
+                nn.init.xavier_normal_(w)
+            nn.init.normal_(block.attn.proj.weight, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
 
     @property
     def output_embedding(self) -> nn.Parameter:

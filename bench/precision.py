@@ -78,3 +78,21 @@ def precision_context(precision: str, device: torch.device) -> AbstractContextMa
     if precision == "bf16-emu":
         return BF16Rounding()
     return nullcontext()
+
+
+class ExactFP32:
+    """fp32 as written: no autocast, no emulation, and on CUDA no TF32 inside (restored on exit).
+    Re-enterable, like the other precision contexts (one instance serves every batch)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.saved: list[tuple[bool, bool]] = []
+
+    def __enter__(self) -> None:
+        if self.cuda:
+            self.saved.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+
+    def __exit__(self, *exc: object) -> None:
+        if self.cuda:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved.pop()

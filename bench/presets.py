@@ -6,6 +6,16 @@ import math
 from dataclasses import dataclass
 
 
+ARCH_VERSION = 2
+"""Version of the architecture ``bench.model`` builds; part of every run's key and record.
+
+1: stabench before issue 14 (SwiGLU width 16·⌈8H/3/16⌉, RoPE on all head dims in
+(first half, second half) pairs, Xavier attention output projection, tied E ~ N(0, 1/H)).
+2: the study's model in function and init (``bench.model``), and its warmup formula
+lr·(it+1)/(warmup+1) with its cosine ratio (``bench.trainer.lr_at``). Only the current version can
+be trained; rows of older versions stay readable, and analysis pools versions only when told to."""
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture of one GPT. ``vocab_size`` and ``seq_len`` come from the data."""
@@ -23,8 +33,9 @@ class ModelConfig:
 
     @property
     def ffn_dim(self) -> int:
-        """SwiGLU hidden width: 8/3·H rounded up to a multiple of 16."""
-        return 16 * math.ceil(8 * self.n_embd / 3 / 16)
+        """SwiGLU hidden width F, the study's: ⌊2·4H/3⌋ rounded up to a multiple of 256
+        (768 / 1024 / 1280 / 1792 / 2304 at H = 224 / 320 / 480 / 640 / 832; 256 at H = 64)."""
+        return 256 * math.ceil((8 * self.n_embd // 3) / 256)
 
 
 # name -> (n_layer, n_embd, n_head). The study's sizes (README.md, "Models") and CPU presets.

@@ -12,8 +12,10 @@ writers never lose or duplicate a row (a run id appears at most once; the newest
 part wins). Every file carries ``schema_version`` in its Parquet metadata.
 
 Schema versions: 1 had ``started_at`` as an ISO 8601 string and no ``final_loss_clipped``;
-2 stores ``started_at`` as ``timestamp[us, tz=UTC]`` and adds ``final_loss_clipped``. Files of
-version 1 are upgraded when read (:func:`read_runs`) and when merged with newer rows.
+2 stores ``started_at`` as ``timestamp[us, tz=UTC]`` and adds ``final_loss_clipped``; 3 adds
+``arch_version`` (rows of older files: 1, the model before issue 14), ``final_loss_fp32``,
+``divergence_events`` and the curves' ``val_loss_fp32`` (null in older files). Files of older
+versions are upgraded when read (:func:`read_runs`) and when merged with newer rows.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # (column, type, unit / definition) — the single source of the schema and its documentation.
 RUN_COLUMNS: list[tuple[str, pa.DataType, str]] = [
@@ -42,6 +44,8 @@ RUN_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("batch_size", pa.int64(), "B, sequences per optimizer step"),
     ("steps", pa.int64(), "optimizer steps planned"),
     ("warmup", pa.int64(), "linear warmup steps"),
+    ("arch_version", pa.int64(), "version of the model architecture (bench.presets.ARCH_VERSION; 1 in files "
+                                 "of schema < 3)"),
     ("stabilizer", pa.string(), "stabilizer spec (built-in name, entry point or module:Class)"),
     ("lam", pa.float64(), "λ of z-loss / μ-loss (null if the stabilizer has none)"),
     ("cap", pa.float64(), "soft-capping constant c (null if none)"),
@@ -54,13 +58,19 @@ RUN_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("data", pa.string(), "data spec (synthetic…, text:PATH, bin:PATH)"),
     ("L0", pa.float64(), "loss at initialization ln V (nats)"),
     ("final_loss", pa.float64(), "final validation cross-entropy, no regularization term (nats); "
-                                 "at the stopping step for a diverged run; may be NaN/inf"),
+                                 "in the run's precision, on final_eval_batches batches; at the stopping step "
+                                 "for a diverged run; may be NaN/inf"),
     ("final_loss_clipped", pa.float64(), "min(final_loss, L0); L0 for a diverged run or a non-finite loss "
                                          "(nats): the loss every table and the LRS formula use"),
+    ("final_loss_fp32", pa.float64(), "the same weights and batches evaluated in fp32 (no autocast, no bf16 "
+                                      "emulation; fp64 runs in fp64): equal to final_loss for fp32/fp64 runs, "
+                                      "differs by the rounding for bf16 and bf16-emu runs (nats)"),
     ("best_val_loss", pa.float64(), "lowest validation cross-entropy over all evaluations (nats)"),
     ("diverged", pa.bool_(), "run stopped by the divergence rules"),
     ("diverged_step", pa.int64(), "step at which divergence was detected (null if not diverged)"),
     ("diverged_reason", pa.string(), "nonfinite | loss_above_L0 | loss_spike ('' if not diverged)"),
+    ("divergence_events", pa.string(), "reason@step of every divergence rule that fired (first step each), "
+                                       "in stop or record mode, comma-separated ('' if none)"),
     ("spike_score", pa.float64(), "largest z-score of a train loss vs the previous window (σ units)"),
     ("steps_done", pa.int64(), "optimizer steps actually taken"),
     ("logit_mean", pa.float64(), "mean of the logits the loss sees, final validation batches"),
@@ -90,7 +100,8 @@ CURVE_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("lr", pa.float64(), "learning rate used at this step"),
     ("train_loss", pa.float64(), "training cross-entropy of this step's batch (nats)"),
     ("reg_loss", pa.float64(), "stabilizer loss term of this step (nats; 0 if none)"),
-    ("val_loss", pa.float64(), "validation cross-entropy (null between evaluations)"),
+    ("val_loss", pa.float64(), "validation cross-entropy in the run's precision (null between evaluations)"),
+    ("val_loss_fp32", pa.float64(), "the same evaluation in fp32 (equal to val_loss for fp32/fp64 runs)"),
     ("grad_norm", pa.float64(), "global gradient L2 norm before clipping"),
     ("logit_mean", pa.float64(), "mean logit of this step's batch"),
     ("logit_absmax", pa.float64(), "max |logit| of this step's batch"),
@@ -294,6 +305,8 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
             col = pa.array(clipped, type=pa.float64())
             table = (table.set_column(names.index("final_loss_clipped"), "final_loss_clipped", col)
                      if "final_loss_clipped" in names else table.append_column("final_loss_clipped", col))
+        if "arch_version" not in table.column_names:  # schema < 3: the model before issue 14
+            table = table.append_column("arch_version", pa.array([1] * table.num_rows, pa.int64()))
     cols = [table[n].cast(t) if n in table.column_names else pa.nulls(len(table), t)
             for n, t in zip(schema.names, schema.types)]
     return pa.table(cols, schema=schema)
@@ -302,6 +315,8 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 def _upgrade_runs(df: pd.DataFrame) -> pd.DataFrame:
     """Runs of an older schema as the current one: ``started_at`` a UTC timestamp and
     ``final_loss_clipped`` filled where missing. Returns ``df`` itself when nothing changes."""
+    if "arch_version" not in df.columns and "run_id" in df.columns:  # schema < 3: the model before issue 14
+        df = df.assign(arch_version=pd.Series(1, index=df.index, dtype="int64"))
     if "started_at" in df.columns and not isinstance(df["started_at"].dtype, pd.DatetimeTZDtype):
         df = df.assign(started_at=_utc_timestamps(df["started_at"]).astype("datetime64[us, UTC]"))
     if {"final_loss", "L0"} <= set(df.columns):

@@ -149,12 +149,16 @@ def main(name: str, args: argparse.Namespace) -> int:
 
 
 def _presets(args: argparse.Namespace) -> int:
-    from .model import CPU_PRESETS, PRESETS, count_params, preset
+    from .presets import ARCH_VERSION, CPU_PRESETS, PRESETS, count_params, preset
 
-    print(f"{'preset':8} {'layers':>6} {'width':>6} {'heads':>5} {'vocab':>6} {'n_params':>12} {'tied':>12}")
+    print(f"architecture version {ARCH_VERSION}; parameters counted untied and tied (the study's names "
+          "are the tied counts)")
+    print(f"{'preset':8} {'layers':>6} {'width':>6} {'heads':>5} {'swiglu':>6} {'vocab':>6} {'untied':>12} "
+          f"{'tied':>12}")
     for name, (n_layer, n_embd, n_head) in PRESETS.items():
         V = args.vocab_size or (8192 if name in CPU_PRESETS else 50304)
         untied = count_params(preset(name, vocab_size=V))
         tied = count_params(preset(name, vocab_size=V, weight_tying=True))
-        print(f"{name:8} {n_layer:>6} {n_embd:>6} {n_head:>5} {V:>6} {untied:>12,} {tied:>12,}")
+        ffn = preset(name).ffn_dim
+        print(f"{name:8} {n_layer:>6} {n_embd:>6} {n_head:>5} {ffn:>6} {V:>6} {untied:>12,} {tied:>12,}")
     return 0

@@ -47,3 +47,10 @@ def set_threads(n: int | None) -> int:
         except RuntimeError:
             pass
     return torch.get_num_threads()
+
+
+def set_tf32(enabled: bool, device: torch.device) -> None:
+    """TF32 for fp32 matmuls and convolutions on CUDA (the study allows it); nothing on CPU."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled

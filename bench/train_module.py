@@ -98,6 +98,7 @@ class SingleModule:
         runtime.set_threads(cfg.threads)
         self.cfg = cfg
         self.device = resolve_device(cfg)
+        runtime.set_tf32(cfg.tf32, self.device)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.autocast = precision_context(self.precision, self.device)
         self.stab = make_stabilizer(cfg.stabilizer, **cfg.hparams)

@@ -35,6 +35,7 @@ from .config import RunConfig
 from .data import TokenData, load_data
 from .divergence import DivergenceMonitor
 from .model import GPT
+from .precision import ExactFP32
 from .stabilizers import Stabilizer, make_stabilizer
 from .tracking import Tracker
 from .train_module import TrainModule, build_module, resolve_device, stabilized_loss
@@ -49,11 +50,13 @@ class RunResult:
 
 
 def lr_at(cfg: RunConfig, step: int) -> float:
-    """Learning rate of update ``step`` (0-based): linear warmup, then cosine to min_lr."""
+    """Learning rate of update ``step`` (0-based ``it``), the study's schedule: linear warmup
+    lr·(it+1)/(warmup+1) for it < warmup, then cosine from lr to min_lr over
+    ratio (it − warmup)/(steps − warmup) ∈ [0, 1)."""
     if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(cfg.steps - cfg.warmup - 1, 1)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return cfg.lr * (step + 1) / (cfg.warmup + 1)
+    progress = min((step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1), 1.0)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
 @torch.no_grad()
@@ -82,6 +85,21 @@ def evaluate(model: GPT, stab: Stabilizer, batches, device: torch.device, autoca
             "hidden_mean": h_sum / n}
 
 
+FP32_EXACT = ("fp32", "fp64")
+"""Precisions whose own evaluation is already (at least) fp32: there ``*_fp32`` equals the run-precision value."""
+
+
+def evaluate_both(fwd, stab: Stabilizer, batches, device: torch.device, autocast, precision: str
+                  ) -> tuple[dict[str, Any], float]:
+    """``evaluate`` in the run's precision, and the validation loss of the same weights and batches
+    in fp32 (no autocast, no bf16 emulation, no TF32; fp64 runs stay fp64). For fp32 / fp64 runs the two
+    are one evaluation (equal by construction)."""
+    ev = evaluate(fwd, stab, batches, device, autocast)
+    if precision in FP32_EXACT:
+        return ev, ev["val_loss"]
+    return ev, evaluate(fwd, stab, batches, device, ExactFP32(device))["val_loss"]
+
+
 @torch.no_grad()
 def embedding_stats(model: GPT, hidden_mean: torch.Tensor | None = None) -> dict[str, float]:
     E = model.output_embedding.float()
@@ -108,19 +126,20 @@ def curve_row(cfg: RunConfig, step: int, lr: float, train_loss: float, reg_loss:
     """One row of ``curves.parquet`` (``records.CURVE_COLUMNS``) at logging step ``step``;
     ``val_loss`` is filled in at evaluation steps."""
     return {"run_id": cfg.key(), "step": step, "lr": lr, "train_loss": train_loss, "reg_loss": reg_loss,
-            "val_loss": None, "grad_norm": grad_norm, "logit_mean": logit_mean, "logit_absmax": logit_absmax,
+            "val_loss": None, "val_loss_fp32": None, "grad_norm": grad_norm, "logit_mean": logit_mean, "logit_absmax": logit_absmax,
             "mean_log2z": mean_log2z, "mu_norm": mu_norm}
 
 
 def build_run_record(cfg: RunConfig, model: GPT, fwd, stab: Stabilizer, val, device: torch.device, autocast,
                      precision: str, *, best_val: float, diverged_step: int | None, reason: str, spike_score: float,
-                     steps_done: int, elapsed: float, interval_times: list[float], started_at: str) -> dict[str, Any]:
+                     events: str = "", steps_done: int, elapsed: float, interval_times: list[float], started_at: str) -> dict[str, Any]:
     """Final evaluation of ``model`` and the runs.parquet row of its run (shared with packed training).
 
-    fwd: the model or its compiled wrapper (evaluation runs through it); val: validation batches;
-    best_val: lowest validation loss so far (the final evaluation is taken into account here).
+    fwd: the model or its compiled wrapper (evaluation runs through it); val: the final evaluation's
+    validation batches (``final_eval_batches`` of them); best_val: lowest validation loss so far (the
+    final evaluation is taken into account here); events: ``DivergenceMonitor.events_text()``.
     """
-    final = evaluate(fwd, stab, val, device, autocast)
+    final, final_fp32 = evaluate_both(fwd, stab, val, device, autocast, precision)
     emb = embedding_stats(model, final["hidden_mean"])
     if math.isfinite(final["val_loss"]):
         best_val = min(best_val, final["val_loss"])
@@ -129,15 +148,15 @@ def build_run_record(cfg: RunConfig, model: GPT, fwd, stab: Stabilizer, val, dev
     return {
         "run_id": cfg.key(), "sweep": cfg.sweep, "model": cfg.model, "n_params": model.n_params,
         "vocab_size": cfg.vocab_size, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
-        "steps": cfg.steps, "warmup": cfg.warmup, "stabilizer": cfg.stabilizer,
+        "steps": cfg.steps, "warmup": cfg.warmup, "arch_version": cfg.arch_version, "stabilizer": cfg.stabilizer,
         "lam": hp.get("lam"), "cap": hp.get("cap"), "hparams": json.dumps(hp, sort_keys=True),
         "lr": cfg.lr, "seed": cfg.seed, "data_seed": cfg.resolved_data_seed, "weight_tying": cfg.weight_tying,
         "precision": precision, "data": cfg.data, "L0": cfg.L0,
-        "final_loss": final["val_loss"],
+        "final_loss": final["val_loss"], "final_loss_fp32": final_fp32,
         "final_loss_clipped": records.clipped_final_loss(final["val_loss"], cfg.L0, diverged_step is not None),
         "best_val_loss": best_val if math.isfinite(best_val) else float("nan"),
         "diverged": diverged_step is not None, "diverged_step": diverged_step, "diverged_reason": reason,
-        "spike_score": spike_score, "steps_done": steps_done,
+        "divergence_events": events, "spike_score": spike_score, "steps_done": steps_done,
         "logit_mean": final["logit_mean"], "logit_std": final["logit_std"],
         "logit_absmax": final["logit_absmax"], "mean_log2z": final["mean_log2z"],
         **{k: emb[k] for k in ("mu_norm", "isotropy", "mu_hidden_cos")},
@@ -282,7 +301,8 @@ def train_members(cfgs: list[RunConfig], *, data: TokenData | None = None, check
     module = module or build_module(cfgs)
     device = module.device
     data = data or load_data(c0.data, c0.vocab_size)
-    val = data.val_batches(c0.eval_batches, c0.batch_size, c0.seq_len)
+    val = data.val_batches(c0.eval_batches, c0.batch_size, c0.seq_len)  # periodic evaluations
+    final_val = data.val_batches(c0.resolved_final_eval_batches, c0.batch_size, c0.seq_len)
     members = [_Member(c, DivergenceMonitor(c.divergence, c.L0, c.warmup)) for c in cfgs]
     active = list(range(K))  # member index of each row of the module
     results: list[RunResult | None] = [None] * K
@@ -311,9 +331,9 @@ def train_members(cfgs: list[RunConfig], *, data: TokenData | None = None, check
         """Final evaluation and run row of the member in module row ``row``."""
         m = members[active[row]]
         model, fwd, stab = module.member(row)
-        run = build_run_record(m.cfg, model, fwd, stab, val, device, module.autocast, module.precision,
+        run = build_run_record(m.cfg, model, fwd, stab, final_val, device, module.autocast, module.precision,
                                best_val=m.best_val, diverged_step=m.diverged_step, reason=m.reason,
-                               spike_score=m.monitor.spike_score, steps_done=steps_done, elapsed=m.elapsed,
+                               spike_score=m.monitor.spike_score, events=m.monitor.events_text(), steps_done=steps_done, elapsed=m.elapsed,
                                interval_times=m.interval_times, started_at=started_at)
         results[active[row]] = RunResult(run, m.curve)
         if tracker is not None:
@@ -358,7 +378,7 @@ def train_members(cfgs: list[RunConfig], *, data: TokenData | None = None, check
                              *stats[row])
             if is_eval or m.diverged_step is not None:
                 model, fwd, stab = module.member(row)
-                ev = evaluate(fwd, stab, val, device, module.autocast)
+                ev, crow["val_loss_fp32"] = evaluate_both(fwd, stab, val, device, module.autocast, module.precision)
                 crow["val_loss"] = ev["val_loss"]
                 if math.isfinite(ev["val_loss"]):
                     m.best_val = min(m.best_val, ev["val_loss"])

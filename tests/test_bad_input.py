@@ -207,11 +207,11 @@ def test_estimate_step_bytes_by_hand():
     from bench.memory import estimate_step_bytes
     cfg = RunConfig(model="nano", vocab_size=256, seq_len=16, batch_size=4, micro_batch_size=2, precision="fp32")
     L, H, n_head, V = 1, 32, 4, 256
-    F = 16 * math.ceil(8 * H / 3 / 16)  # 96
+    F = 256 * math.ceil((8 * H // 3) / 256)  # 256: the study's SwiGLU width
     P = 2 * V * H + L * (3 * H * H + H * H + 2 * (H // n_head) + 3 * H * F + 2 * H) + H
     N = 2 * 16  # micro-batch × seq_len
     want = 4 * P * 4 + N * (L * (16 * H + 4 * F) + 2 * H) * 4 + 3 * N * V * 4
-    assert estimate_step_bytes(cfg) == want == 4 * 29_808 * 4 + 32 * 960 * 4 + 98_304
+    assert estimate_step_bytes(cfg) == want == 4 * 45_168 * 4 + 32 * 1600 * 4 + 98_304
     assert estimate_step_bytes(cfg.replace(precision="fp64")) == 2 * 4 * P * 4 + 2 * N * (16 * H + 4 * F + 2 * H) * 4 \
         + 3 * N * V * 4
 

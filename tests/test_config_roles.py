@@ -18,9 +18,10 @@ from bench.sweep.spec import AXES, TRAIN_KEYS
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 # -- the lists as they were written out before the metadata (the specification) --------------
-KEY_V1 = ["model", "stabilizer", "hparams", "weight_tying", "lr", "min_lr", "warmup", "steps", "batch_size",
+KEY_V2 = ["model", "arch_version", "stabilizer", "hparams", "weight_tying", "lr", "min_lr", "warmup", "steps", "batch_size",
           "seq_len", "vocab_size", "data", "seed", "data_seed", "beta1", "beta2", "eps", "weight_decay",
           "grad_clip", "precision", "eval_every", "eval_batches", "divergence"]
+"""Key version 2: version 1's fields and arch_version (issue 14), which changed every key once."""
 EXECUTION_FIELDS = ("sweep", "log_every", "micro_batch_size", "device", "compile", "threads", "log")
 SPEC_AXES = {
     "model": "[grid] as models = [...]",
@@ -31,9 +32,9 @@ SPEC_AXES = {
     "hparams": "[stabilizers] as <stabilizer>.<name> = [...]",
     "sweep": "the top-level name",
 }
-SPEC_TRAIN_KEYS = ["min_lr", "warmup", "steps", "batch_size", "seq_len", "vocab_size", "data", "data_seed",
+SPEC_TRAIN_KEYS = ["arch_version", "min_lr", "warmup", "steps", "batch_size", "seq_len", "vocab_size", "data", "data_seed",
                    "beta1", "beta2", "eps", "weight_decay", "grad_clip", "precision", "eval_every",
-                   "eval_batches", "divergence", "log_every", "micro_batch_size", "device", "compile", "threads", "log"]
+                   "eval_batches", "final_eval_batches", "divergence", "tf32", "log_every", "micro_batch_size", "device", "compile", "threads", "log"]
 SPEC_SHARED_FIELDS = (
     "model", "vocab_size", "seq_len", "weight_tying",
     "data", "batch_size", "steps", "warmup",
@@ -41,6 +42,7 @@ SPEC_SHARED_FIELDS = (
     "precision", "stabilizer",
     "micro_batch_size", "device", "threads",
     "compile",  # a pack compiles its one batched forward, or not
+    "arch_version", "final_eval_batches", "tf32",
 )
 SPEC_RUN_FLAGS = {
     "--model": ("model", str), "--stabilizer": ("stabilizer", str), "--lr": ("lr", float),
@@ -74,9 +76,9 @@ def test_ranked_flags_have_distinct_ranks():
         assert all(type(r) is int for r in ranks) and len(set(ranks)) == len(ranks), flag
 
 
-def test_key_version_1_fields_are_frozen():
+def test_key_version_2_fields_are_frozen():
     """No field may join ``key="always"``: that would change every existing key."""
-    assert [f.name for f in fields_with(role="run") if f.metadata["key"] == "always"] == KEY_V1
+    assert [f.name for f in fields_with(role="run") if f.metadata["key"] == "always"] == KEY_V2
     assert all(f.metadata["key"] == "always" for f in fields_with(role="run", of=DivergenceConfig))
 
 

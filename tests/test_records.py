@@ -37,7 +37,7 @@ def test_written_rows_carry_a_utc_timestamp_and_the_clipped_loss(tmp_path):
         records.write_run(tmp_path, row(rid, loss, div), [])
     table = pq.read_table(tmp_path / "runs.parquet")
     assert table.schema.field("started_at").type == pa.timestamp("us", tz="UTC")
-    assert table.schema.metadata[b"schema_version"] == b"2" == str(records.SCHEMA_VERSION).encode()
+    assert table.schema.metadata[b"schema_version"] == b"3" == str(records.SCHEMA_VERSION).encode()
     assert table.schema.names.index("final_loss_clipped") == table.schema.names.index("final_loss") + 1
     runs = records.read_runs(tmp_path).set_index("run_id")
     assert runs["final_loss_clipped"].to_dict() == {"a": 3.0, "b": L0, "c": L0, "d": L0}
@@ -50,9 +50,10 @@ def test_written_rows_carry_a_utc_timestamp_and_the_clipped_loss(tmp_path):
 
 
 def _schema1_file(path: Path, rows: list[dict]) -> None:
-    """A runs.parquet as schema 1 wrote it: started_at a string, no final_loss_clipped."""
+    """A runs.parquet as schema 1 wrote it: started_at a string, no final_loss_clipped (nor the
+    columns of schema 3)."""
     cols = [(n, pa.string() if n == "started_at" else t) for n, t, _ in records.RUN_COLUMNS
-            if n != "final_loss_clipped"]
+            if n not in ("final_loss_clipped", "arch_version", "final_loss_fp32", "divergence_events")]
     schema = pa.schema(cols, metadata={"schema_version": "1"})
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({n: [r.get(n) for r in rows] for n, _ in cols}, schema=schema), path)
@@ -66,12 +67,14 @@ def test_a_schema_1_file_is_upgraded_on_read_and_on_merge(tmp_path):
     assert isinstance(runs["started_at"].dtype, pd.DatetimeTZDtype)
     assert runs.loc["old1", "started_at"] == pd.Timestamp("2024-01-02T03:04:05", tz="UTC")
     assert runs["final_loss_clipped"].to_dict() == {"old1": 2.5, "old2": L0}
-    # a new run merges with the old rows into a schema-2 file
-    records.write_run(tmp_path, row("new", 2.0), [])
+    assert runs["arch_version"].to_dict() == {"old1": 1, "old2": 1}  # the model before issue 14
+    # a new run merges with the old rows into a current-schema file
+    records.write_run(tmp_path, row("new", 2.0, arch_version=2), [])
     table = pq.read_table(tmp_path / "runs.parquet")
     assert table.schema.field("started_at").type == pa.timestamp("us", tz="UTC")
     merged = table.to_pandas().set_index("run_id")
     assert merged["final_loss_clipped"].to_dict() == {"old1": 2.5, "old2": L0, "new": 2.0}
+    assert merged["arch_version"].to_dict() == {"old1": 1, "old2": 1, "new": 2}
     assert merged.loc["old1", "started_at"] == pd.Timestamp("2024-01-02T03:04:05", tz="UTC")
 
 

@@ -180,17 +180,28 @@ def test_quick_sweep_shows_the_study_shape_on_a_cpu():
 
 
 def test_paper_sweep_is_the_reference_gpu_protocol():
+    """Every value of the study's protocol (its nanoGPT fork's configs and train.py)."""
     spec = load_spec(REPO / "sweeps" / "paper-wortsman.toml", check_data=False)  # shards live on the cluster
     points = expand(spec)
+    assert len(points) == 350
     assert spec.grid.models == ["16M", "29M", "57M", "109M", "221M"]
     assert spec.grid.lr == [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1]
-    assert spec.grid.weight_tying == [False, True]
+    assert spec.grid.weight_tying == [False, True] and spec.grid.seeds == [1]
+    assert {(p.config.stabilizer, tuple(sorted(p.config.hparams.items()))) for p in points} == {
+        ("baseline", ()), ("zloss", (("lam", 1e-4),)), ("softcap", (("cap", 30.0),)),
+        ("muloss", (("lam", 1e-4),)), ("mucentering", ())}
     for p in points:
         c = p.config
         assert (c.seq_len, c.batch_size, c.steps, c.vocab_size) == (2048, 64, 100_000, 50304)
-        assert c.data.startswith("bin:") and c.precision == "bf16" and c.device == "cuda" and c.warmup > 0
+        assert (c.warmup, c.min_lr) == (5000, 1e-5)
+        assert (c.beta1, c.beta2, c.eps, c.weight_decay, c.grad_clip) == (0.9, 0.95, 1e-8, 0.0, 1.0)
+        assert c.data.startswith("bin:") and c.precision == "bf16" and c.device == "cuda"
+        assert c.tf32 and c.compile
+        # the final evaluation covers the study's 2,000 x 16 x 2048 validation tokens
+        assert c.resolved_final_eval_batches * c.batch_size * c.seq_len == 2000 * 16 * 2048
+        # no early stopping: only a non-finite loss stops a run; the other rules only record
+        assert (c.divergence.nonfinite, c.divergence.loss_above_L0, c.divergence.spike) == ("stop", "record", "record")
     assert spec.execution.checkpoint_every > 0
-    assert {p.config.stabilizer for p in points} == {"baseline", "zloss", "softcap", "muloss", "mucentering"}
 
 
 def test_lambda_sensitivity_sweep():

@@ -14,13 +14,14 @@ from helpers import tiny_config
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 
-def test_schedule_warms_up_linearly_then_decays_by_cosine_to_min_lr():
+def test_schedule_is_the_studys_linear_warmup_then_cosine_to_min_lr():
     cfg = tiny_config(lr=1.0, min_lr=0.01, warmup=10, steps=110)
-    assert lr_at(cfg, 0) == pytest.approx(0.1)
-    assert lr_at(cfg, 9) == pytest.approx(1.0)
+    assert lr_at(cfg, 0) == pytest.approx(1 / 11)  # lr·(it+1)/(warmup+1), as the study's train.py
+    assert lr_at(cfg, 9) == pytest.approx(10 / 11)
     assert lr_at(cfg, 10) == pytest.approx(1.0)
-    assert lr_at(cfg, 59) == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 49 / 99)))
-    assert lr_at(cfg, 109) == pytest.approx(0.01)
+    assert lr_at(cfg, 60) == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 50 / 100)))
+    assert lr_at(cfg, 109) == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 99 / 100)))
+    assert lr_at(cfg, 109) > 0.01
 
 
 def test_two_identical_cpu_runs_give_identical_curves():

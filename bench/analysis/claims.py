@@ -198,6 +198,37 @@ def by_lr_table(runs: pd.DataFrame, model: str | None = None, value: str = "fina
     return pd.DataFrame(out)
 
 
+DIAGNOSTICS = (("logit_mean", "mean logit"), ("mu_norm", "‖μ‖"), ("mean_log2z", "mean (log Z)²"))
+"""Final-checkpoint statistics the study published (``oec_paper_diagnostics.csv``) and stabench records."""
+
+
+def published_beside_local(runs: pd.DataFrame, published: pd.DataFrame, value: str) -> pd.DataFrame | None:
+    """A row per (source, setting), a column per learning rate: ``value`` of the study's smallest
+    model beside ours (our largest), for the settings both have; None when ``published`` lacks it."""
+    if value not in published.columns or value not in runs.columns:
+        return None
+    runs, pub = prepare_runs(runs), prepare_runs(published)
+    pub = pub[pd.to_numeric(pub[value], errors="coerce").notna()]
+    if pub.empty:
+        return None
+    local_model, pub_model = model_order(runs)[-1], model_order(pub)[0]
+    both = set(zip(runs["stabilizer"], runs["hp"], runs["weight_tying"])) & \
+        set(zip(pub["stabilizer"], pub["hp"], pub["weight_tying"]))
+    if not both:
+        return None
+
+    def rows(df: pd.DataFrame, model: str, source: str) -> pd.DataFrame:
+        shared = pd.Series([t in both for t in zip(df["stabilizer"], df["hp"], df["weight_tying"])], index=df.index)
+        df = df[(df["model"] == model) & shared]
+        t = by_lr_table(df, value=value)
+        t.insert(0, "source", f"{model} ({source})")
+        return t
+
+    out = pd.concat([rows(pub, pub_model, "published"), rows(runs, local_model, "ours")], ignore_index=True)
+    lr_cols = sorted((c for c in out.columns if c not in ("source", "setting")), key=float)
+    return out[["source", "setting", *lr_cols]].fillna("")
+
+
 def restrict_lr(runs: pd.DataFrame | None, lr_max: float | None) -> pd.DataFrame | None:
     """Runs with lr ≤ ``lr_max`` (all runs for None): LRS on a sub-grid, e.g. the study's (≤ 0.3)."""
     if runs is None or lr_max is None:
@@ -225,6 +256,11 @@ def markdown(runs: pd.DataFrame, lam_runs: pd.DataFrame | None = None,
         if value in runs.columns:
             parts += [f"{what}, `{models[-1]}` (mean over seeds):", "", to_markdown(by_lr_table(runs, models[-1], value)),
                       ""]
+    for value, what in DIAGNOSTICS if published is not None else ():
+        table = published_beside_local(runs, published, value)
+        if table is not None:
+            parts += [f"{what} at the end of training per learning rate: the study's (published, its bf16 evaluation) "
+                      "beside ours (mean over seeds):", "", to_markdown(table), ""]
     if lam_runs is not None and not lam_runs.empty:
         parts += ["CPU-scale LRS per λ (nats; mean over seeds [95 % bootstrap CI]):", "",
                   to_markdown(lrs_by_model(lam_runs)), ""]

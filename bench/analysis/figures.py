@@ -307,52 +307,87 @@ def _setting_legend(fig: Figure, settings: list[str], styles: dict[str, dict], d
     _legend(fig, handles, labels, title="stabilizer")
 
 
-def _stat_vs_lr_figure(runs: pd.DataFrame, panels: list[tuple[str, str, str]]) -> Figure:
-    """Rows = models, columns = ``panels`` (column, y label, y scale), a line per setting."""
+def _published_like(runs: pd.DataFrame, published: pd.DataFrame | None, columns: list[str]) -> pd.DataFrame | None:
+    """The published rows that carry any of ``columns``, restricted to the settings drawn locally
+    (same stabilizer, hyperparameter and tying), or None."""
+    if published is None or published.empty or not any(c in published.columns for c in columns):
+        return None
+    pub = prepare_runs(published)
+    local = set(zip(runs["stabilizer"], runs["hp"], runs["weight_tying"].astype(bool)))
+    keep = [t in local for t in zip(pub["stabilizer"], pub["hp"], pub["weight_tying"].astype(bool))]
+    pub = pub[keep]
+    return pub if not pub.empty else None
+
+
+def _stat_vs_lr_figure(runs: pd.DataFrame, panels: list[tuple[str, str, str]],
+                       published: pd.DataFrame | None = None) -> Figure:
+    """Rows = models, columns = ``panels`` (column, y label, y scale), a line per setting.
+
+    With ``published`` rows (``--compare``) that carry these columns, their models follow as
+    extra rows (titled "… (published)"), drawn in the local settings' styles: the same
+    statistic of the study's runs beside ours, each row on its own y axis."""
     runs = prepare_runs(runs)
+    cols = [p[0] for p in panels]
     present = [p for p in panels if p[0] in runs.columns and pd.to_numeric(runs[p[0]], errors="coerce").notna().any()]
     if not present:
-        raise SkipFigure(f"runs carry no {' / '.join(p[0] for p in panels)} (published results have final "
-                         "losses only)")
-    data = stats_vs_lr(runs, [p[0] for p in present])
-    models, labels = model_order(runs), model_labels(runs)
+        raise SkipFigure(f"runs carry no {' / '.join(cols)} (published results have final losses only)")
+    pub = _published_like(runs, published, cols)
+    groups = [(m, stats_vs_lr(runs[runs["model"] == m], cols), False) for m in model_order(runs)]
+    if pub is not None:
+        groups += [(m, stats_vs_lr(pub[pub["model"] == m], cols), True) for m in model_order(pub)]
+    labels = model_labels(runs)
     styles = setting_styles(runs)
+    label_of = dict(zip(zip(runs["stabilizer"], runs["hp"], runs["weight_tying"].astype(bool)), runs["setting"]))
     with style():
-        fig, axes = _figure(len(models), len(present), panel=(4.2, 2.9), sharex=True)
-        for i, m in enumerate(models):
+        fig, axes = _figure(len(groups), len(present), panel=(4.2, 2.9), sharex=True)
+        for i, (m, data, is_pub) in enumerate(groups):
+            if is_pub:  # published labels may lack local suffixes: draw them under the local setting's name
+                data = data.assign(setting=[label_of[t] for t in zip(data["stabilizer"], data["hp"],
+                                                                        data["weight_tying"].astype(bool))])
             for j, (col, ylabel, yscale) in enumerate(present):
                 ax = axes[i, j]
-                _per_setting_lines(ax, data[data["model"] == m].dropna(subset=[col]), col, styles)
+                values = data[col].abs() if col in data.columns else pd.Series(dtype=float)
+                if not values.notna().any():
+                    ax.text(0.5, 0.5, "not published" if is_pub else "no data", ha="center", va="center",
+                            transform=ax.transAxes, color="0.4")
+                else:
+                    _per_setting_lines(ax, data.dropna(subset=[col]), col, styles)
                 ax.set_xscale("log")
-                values = data[col].abs()
                 if yscale == "symlog":  # symlog only when diverged runs blow values up
                     wide = values.max() > 100
                     if wide:
                         ax.set_yscale("symlog", linthresh=1.0)
                 else:  # log only when values span more than a decade
-                    wide = _spans_decade(values)
+                    wide = _spans_decade(values.dropna())
                     if wide:
                         ax.set_yscale("log")
                         _readable_log_ticks(ax.yaxis, "{:g}".format)
                 ax.set_ylabel(ylabel.format(scale={"symlog": "symlog", "log": "log"}[yscale] + " scale"
                                             if wide else "linear scale"))
-                ax.set_title(labels[m] if len(models) > 1 else "")
-                if i == len(models) - 1:
+                title = labels.get(m, m) if not is_pub else f"{m} (published)"
+                ax.set_title(title if len(groups) > 1 else "")
+                if i == len(groups) - 1:
                     ax.set_xlabel(LR_LABEL)
         _lr_ticks(axes)
         _setting_legend(fig, [s for s in setting_order(runs)], styles, bool(runs["failed"].any()))
     return fig
 
 
-def logits_vs_lr(runs: pd.DataFrame) -> Figure:
-    """Mean logit and max |logit| (final validation batches) vs learning rate."""
+def logits_vs_lr(runs: pd.DataFrame, published: pd.DataFrame | None = None) -> Figure:
+    """Mean logit and max |logit| (final validation batches) vs learning rate; the study's mean
+    logit beside ours when ``published`` carries it."""
     return _stat_vs_lr_figure(runs, [("logit_mean", "mean logit (nats, {scale})", "symlog"),
-                                     ("logit_absmax", "max |logit| (nats, {scale})", "log")])
+                                     ("logit_absmax", "max |logit| (nats, {scale})", "log")], published)
 
 
-def mu_norm_vs_lr(runs: pd.DataFrame) -> Figure:
-    """‖μ‖, the norm of the mean output-embedding row, vs learning rate."""
-    return _stat_vs_lr_figure(runs, [("mu_norm", "‖μ‖ (L2 norm, {scale})", "log")])
+def mu_norm_vs_lr(runs: pd.DataFrame, published: pd.DataFrame | None = None) -> Figure:
+    """‖μ‖, the norm of the mean output-embedding row, vs learning rate (the study's beside ours)."""
+    return _stat_vs_lr_figure(runs, [("mu_norm", "‖μ‖ (L2 norm, {scale})", "log")], published)
+
+
+def log2z_vs_lr(runs: pd.DataFrame, published: pd.DataFrame | None = None) -> Figure:
+    """Mean over tokens of (log Z)², the quantity z-loss penalizes, vs learning rate (the study's beside ours)."""
+    return _stat_vs_lr_figure(runs, [("mean_log2z", "mean (log Z)² ({scale})", "log")], published)
 
 
 def lrs_vs_size(runs: pd.DataFrame, published: pd.DataFrame | None = None) -> Figure:
@@ -629,10 +664,13 @@ FIGURES: tuple[FigureSpec, ...] = (
                "markers when given.", lambda r, c, p: lrs_vs_size(r, p)),
     FigureSpec("lambda_sensitivity", "λ sensitivity: loss vs learning rate for each hyperparameter value, "
                "stabilizers side by side (z-loss vs μ-loss).", lambda r, c, p: lambda_sensitivity(r)),
-    FigureSpec("logits_vs_lr", "Mean logit and max |logit| on the final validation batches vs learning rate.",
-               lambda r, c, p: logits_vs_lr(r)),
+    FigureSpec("logits_vs_lr", "Mean logit and max |logit| on the final validation batches vs learning rate; "
+               "the study's published mean logits as extra rows when given.", lambda r, c, p: logits_vs_lr(r, p)),
     FigureSpec("mu_norm_vs_lr", "‖μ‖ (norm of the mean output-embedding row) at the end of training vs "
-               "learning rate.", lambda r, c, p: mu_norm_vs_lr(r)),
+               "learning rate; the study's published values as extra rows when given.",
+               lambda r, c, p: mu_norm_vs_lr(r, p)),
+    FigureSpec("log2z_vs_lr", "Mean (log Z)² on the final validation batches vs learning rate; the study's "
+               "published values as extra rows when given.", lambda r, c, p: log2z_vs_lr(r, p)),
     FigureSpec("divergence_map", "Divergence map: diverged runs / runs per learning rate and stabilizer setting.",
                lambda r, c, p: divergence_map(r)),
     FigureSpec("diverging_curves", "Training curves of the diverged runs (× marks the step where divergence "

@@ -43,6 +43,7 @@ class PackModule:
         runtime.tune_allocator()
         runtime.set_threads(c0.threads)
         self.device = resolve_device(c0)
+        runtime.set_tf32(c0.tf32, self.device)
         self.precision = resolve_precision(c0.precision, self.device)
         self.autocast = precision_context(self.precision, self.device)
         dtype = param_dtype(self.precision)
