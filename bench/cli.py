@@ -35,6 +35,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "claims": ("bench.analysis.cli", "test the reference study's claims on a results directory (tables, verdicts)"),
     "compare": ("bench.analysis.cli", "compare result folders of one protocol: LRS and best loss with CIs, "
                                       "paired tests, one figure"),
+    "precision-tax": ("bench.analysis.cli", "the cross-entropy cost of rounding a common logit offset, on a saved "
+                                            "run; with --compare, the study's untied gaps it predicts"),
     "perf": ("bench.perf_cli", "benchmark step time, MFU, stabilizer overhead and sweep throughput"),
 }
 

@@ -42,7 +42,8 @@ class DivergenceMonitor:
                 z = (loss - mean) / max(std, 1e-12)
                 self.spike_score = max(self.spike_score, z)
                 if z > self.cfg.spike_sigma and loss - mean > self.cfg.spike_min_jump:
-                    reason = reason or self._fired("spike", step)
+                    spike = self._fired("spike", step)  # recorded even when another rule stops the run
+                    reason = reason or spike
         self.window.append(loss)
         return reason
 

@@ -80,7 +80,8 @@ RUN_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("mu_norm", pa.float64(), "‖μ‖, μ = mean of the output-embedding rows"),
     ("isotropy", pa.float64(), "1 − ‖μ‖² / mean_i ‖e_i‖² ∈ [0, 1]; 1 = centred rows, 0 = all rows equal"),
     ("mu_hidden_cos", pa.float64(), "cosine between μ and the mean final hidden state (validation tokens)"),
-    ("logit_precision_error", pa.float64(), "max |logits(run precision) − logits(fp32)| on one fixed batch"),
+    ("logit_precision_error", pa.float64(), "max |logits(run precision) − logits(fp32)| on one fixed batch "
+                                            "(its first micro-batch when micro_batch_size is set)"),
     ("wall_time_s", pa.float64(), "training wall time (s): optimizer steps only, evaluation and set-up excluded"),
     ("step_time_s", pa.float64(), "median wall time of one training step (s)"),
     ("tokens_per_s", pa.float64(), "training tokens per second"),
@@ -417,3 +418,39 @@ def schema_markdown() -> str:
 
 
 read_table_or_none = _readable  # public name: the table in a Parquet file, or None (missing or set aside)
+
+
+# --- final weights (optional: `stabench run --save-model`) -------------------------------------
+
+def weights_path(out_dir: str | Path, run_id: str) -> Path:
+    """``OUT/models/<run_id>.pt``: a run's final weights, when saved."""
+    return Path(out_dir) / "models" / f"{run_id}.pt"
+
+
+def save_weights(out_dir: str | Path, run_id: str, config: dict[str, Any], weights: dict[str, Any]) -> Path:
+    """Write a run's final weights and its config (temp file + atomic rename); returns the path."""
+    import torch
+
+    path = weights_path(out_dir, run_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(path)
+    try:
+        torch.save({"run_id": run_id, "config": config, "weights": weights}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_weights(out_dir: str | Path, run_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config dict, state_dict) of a saved run (loaded with ``weights_only=True``); FileNotFoundError
+    names the file and how to make it."""
+    import torch
+
+    path = weights_path(out_dir, run_id)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no saved weights for run {run_id} (train it with `stabench run "
+                                "--save-model`)")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    return saved["config"], saved["weights"]

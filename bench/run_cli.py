@@ -100,6 +100,8 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="results/dev", metavar="DIR",
                    help="results directory: runs.parquet and curves.parquet are appended there (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress output (default: a progress line per log)")
+    p.add_argument("--save-model", action="store_true",
+                   help="also write the final weights to DIR/models/<run_id>.pt (for `stabench precision-tax`)")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -139,8 +141,10 @@ def main(name: str, args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)  # every check happens before anything is written
     tracker = open_tracker(cfg.log, args.out)  # a missing tracker package is an error before training
-    result = train(cfg, progress=not args.quiet, tracker=tracker)
+    result = train(cfg, progress=not args.quiet, tracker=tracker, keep_weights=args.save_model)
     records.write_run(args.out, result.run, result.curve)
+    if args.save_model:
+        records.save_weights(args.out, result.run["run_id"], cfg.to_dict(), result.weights)
     r = result.run
     status = f"DIVERGED at step {r['diverged_step']} ({r['diverged_reason']})" if r["diverged"] else "finished"
     print(f"{r['run_id']}: {status}; final val loss {r['final_loss']:.4f} (L0 {r['L0']:.2f}); "

@@ -94,10 +94,11 @@ class SingleModule:
     """K = 1: one GPT trained by torch's AdamW (fused on CUDA, foreach on CPU)."""
 
     def __init__(self, cfg: RunConfig):
-        runtime.tune_allocator()
         runtime.set_threads(cfg.threads)
         self.cfg = cfg
         self.device = resolve_device(cfg)
+        if self.device.type == "cpu":  # glibc heap settings help CPU tensors only
+            runtime.tune_allocator()
         runtime.set_tf32(cfg.tf32, self.device)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.autocast = precision_context(self.precision, self.device)
@@ -152,6 +153,9 @@ class SingleModule:
     def load_state_dict(self, state):
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
+        cuda = self.device.type == "cuda"
+        for group in self.opt.param_groups:  # the kernels of this machine, not of the one that saved it
+            group["fused"], group["foreach"] = cuda, None if cuda else True
 
 
 def build_module(cfgs: list[RunConfig]) -> TrainModule:

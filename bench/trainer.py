@@ -47,6 +47,7 @@ __all__ = ["RunResult", "train", "train_members", "lr_at", "evaluate", "checkpoi
 class RunResult:
     run: dict[str, Any]  # one row of runs.parquet
     curve: list[dict[str, Any]]  # rows of curves.parquet
+    weights: dict[str, torch.Tensor] | None = None  # final state_dict on the CPU (``keep_weights``)
 
 
 def lr_at(cfg: RunConfig, step: int) -> float:
@@ -59,13 +60,24 @@ def lr_at(cfg: RunConfig, step: int) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
+def _micro(batches, micro_batch: int | None):
+    """Each (x, y) of ``batches`` split into row chunks of ``micro_batch`` sequences (None: whole)."""
+    for x, y in batches:
+        step = micro_batch or x.shape[0]
+        for i in range(0, x.shape[0], step):
+            yield x[i:i + step], y[i:i + step]
+
+
 @torch.no_grad()
-def evaluate(model: GPT, stab: Stabilizer, batches, device: torch.device, autocast) -> dict[str, Any]:
-    """Validation cross-entropy and logit statistics over fixed batches (no regularization)."""
+def evaluate(model: GPT, stab: Stabilizer, batches, device: torch.device, autocast,
+             micro_batch: int | None = None) -> dict[str, Any]:
+    """Validation cross-entropy and logit statistics over fixed batches (no regularization),
+    ``micro_batch`` sequences per forward pass (the run's ``micro_batch_size``: one micro-batch's
+    logits are the evaluation's peak memory, as in training)."""
     n = ce_sum = log2z_sum = s1 = s2 = 0.0
     absmax = torch.zeros((), device=device)
     h_sum = None
-    for x, y in batches:
+    for x, y in _micro(batches, micro_batch):
         x, y = x.to(device), y.to(device)
         ce, _, logits, lse, hidden = stabilized_loss(model, stab, x, y, autocast)
         tokens = y.numel()
@@ -89,15 +101,15 @@ FP32_EXACT = ("fp32", "fp64")
 """Precisions whose own evaluation is already (at least) fp32: there ``*_fp32`` equals the run-precision value."""
 
 
-def evaluate_both(fwd, stab: Stabilizer, batches, device: torch.device, autocast, precision: str
-                  ) -> tuple[dict[str, Any], float]:
+def evaluate_both(fwd, stab: Stabilizer, batches, device: torch.device, autocast, precision: str,
+                  micro_batch: int | None = None) -> tuple[dict[str, Any], float]:
     """``evaluate`` in the run's precision, and the validation loss of the same weights and batches
     in fp32 (no autocast, no bf16 emulation, no TF32; fp64 runs stay fp64). For fp32 / fp64 runs the two
     are one evaluation (equal by construction)."""
-    ev = evaluate(fwd, stab, batches, device, autocast)
+    ev = evaluate(fwd, stab, batches, device, autocast, micro_batch)
     if precision in FP32_EXACT:
         return ev, ev["val_loss"]
-    return ev, evaluate(fwd, stab, batches, device, ExactFP32(device))["val_loss"]
+    return ev, evaluate(fwd, stab, batches, device, ExactFP32(device), micro_batch)["val_loss"]
 
 
 @torch.no_grad()
@@ -139,7 +151,7 @@ def build_run_record(cfg: RunConfig, model: GPT, fwd, stab: Stabilizer, val, dev
     validation batches (``final_eval_batches`` of them); best_val: lowest validation loss so far (the
     final evaluation is taken into account here); events: ``DivergenceMonitor.events_text()``.
     """
-    final, final_fp32 = evaluate_both(fwd, stab, val, device, autocast, precision)
+    final, final_fp32 = evaluate_both(fwd, stab, val, device, autocast, precision, cfg.micro_batch_size)
     emb = embedding_stats(model, final["hidden_mean"])
     if math.isfinite(final["val_loss"]):
         best_val = min(best_val, final["val_loss"])
@@ -160,7 +172,8 @@ def build_run_record(cfg: RunConfig, model: GPT, fwd, stab: Stabilizer, val, dev
         "logit_mean": final["logit_mean"], "logit_std": final["logit_std"],
         "logit_absmax": final["logit_absmax"], "mean_log2z": final["mean_log2z"],
         **{k: emb[k] for k in ("mu_norm", "isotropy", "mu_hidden_cos")},
-        "logit_precision_error": precision_error(model, val[0][0].to(device), autocast),
+        "logit_precision_error": precision_error(model, val[0][0][:cfg.micro_batch_size or None].to(device),
+                                                 autocast),
         "wall_time_s": elapsed, "step_time_s": step_time,
         "tokens_per_s": cfg.batch_size * cfg.seq_len / step_time if step_time > 0 else float("nan"),
         "device": provenance.device_name(device), "threads": torch.get_num_threads(),
@@ -285,7 +298,8 @@ def _info(members: list[_Member], rows: list[int]) -> tuple[str, bool]:
 
 def train_members(cfgs: list[RunConfig], *, data: TokenData | None = None, checkpoint: str | Path | None = None,
                   checkpoint_every: int = 0, progress: bool = False, stop_at: int | None = None,
-                  module: TrainModule | None = None, tracker: Tracker | None = None) -> list[RunResult] | None:
+                  module: TrainModule | None = None, tracker: Tracker | None = None,
+                  keep_weights: bool = False) -> list[RunResult] | None:
     """Train ``cfgs`` side by side (K = len(cfgs) ≥ 1, equal ``pack_key`` when K > 1).
 
     Returns one RunResult per config, in input order. Divergence of a member is recorded,
@@ -294,7 +308,8 @@ def train_members(cfgs: list[RunConfig], *, data: TokenData | None = None, check
     when the run finishes. stop_at: leave after this step with a checkpoint saved and return
     None (time-sliced jobs; checked at the log cadence). module: a prepared training module
     (default ``build_module(cfgs)``). tracker: receives each member's curve rows as they are
-    made and its run row at the end (``bench.tracking``).
+    made and its run row at the end (``bench.tracking``). keep_weights: each result carries its
+    member's final weights (``RunResult.weights``; ``records.save_weights`` writes them).
     """
     cfgs = [c.check() for c in cfgs]
     c0, K = cfgs[0], len(cfgs)
@@ -335,7 +350,9 @@ def train_members(cfgs: list[RunConfig], *, data: TokenData | None = None, check
                                best_val=m.best_val, diverged_step=m.diverged_step, reason=m.reason,
                                spike_score=m.monitor.spike_score, events=m.monitor.events_text(), steps_done=steps_done, elapsed=m.elapsed,
                                interval_times=m.interval_times, started_at=started_at)
-        results[active[row]] = RunResult(run, m.curve)
+        weights = ({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                   if keep_weights else None)
+        results[active[row]] = RunResult(run, m.curve, weights)
         if tracker is not None:
             tracker.finish(keys[active[row]], run)
 
@@ -378,7 +395,8 @@ def train_members(cfgs: list[RunConfig], *, data: TokenData | None = None, check
                              *stats[row])
             if is_eval or m.diverged_step is not None:
                 model, fwd, stab = module.member(row)
-                ev, crow["val_loss_fp32"] = evaluate_both(fwd, stab, val, device, module.autocast, module.precision)
+                ev, crow["val_loss_fp32"] = evaluate_both(fwd, stab, val, device, module.autocast, module.precision,
+                                                          m.cfg.micro_batch_size)
                 crow["val_loss"] = ev["val_loss"]
                 if math.isfinite(ev["val_loss"]):
                     m.best_val = min(m.best_val, ev["val_loss"])
@@ -418,8 +436,8 @@ def train_members(cfgs: list[RunConfig], *, data: TokenData | None = None, check
 
 def train(cfg: RunConfig, *, data: TokenData | None = None, checkpoint: str | Path | None = None,
           checkpoint_every: int = 0, progress: bool = False, stop_at: int | None = None,
-          tracker: Tracker | None = None) -> RunResult | None:
+          tracker: Tracker | None = None, keep_weights: bool = False) -> RunResult | None:
     """Train the run described by ``cfg`` (``train_members`` with one member)."""
     out = train_members([cfg], data=data, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
-                        progress=progress, stop_at=stop_at, tracker=tracker)
+                        progress=progress, stop_at=stop_at, tracker=tracker, keep_weights=keep_weights)
     return None if out is None else out[0]

@@ -181,6 +181,8 @@ def test_quick_sweep_shows_the_study_shape_on_a_cpu():
 
 def test_paper_sweep_is_the_reference_gpu_protocol():
     """Every value of the study's protocol (its nanoGPT fork's configs and train.py)."""
+    from bench.memory import estimate_step_bytes
+
     spec = load_spec(REPO / "sweeps" / "paper-wortsman.toml", check_data=False)  # shards live on the cluster
     points = expand(spec)
     assert len(points) == 350
@@ -201,6 +203,7 @@ def test_paper_sweep_is_the_reference_gpu_protocol():
         assert c.resolved_final_eval_batches * c.batch_size * c.seq_len == 2000 * 16 * 2048
         # no early stopping: only a non-finite loss stops a run; the other rules only record
         assert (c.divergence.nonfinite, c.divergence.loss_above_L0, c.divergence.spike) == ("stop", "record", "record")
+        assert estimate_step_bytes(c) < 80e9  # one step fits one 80 GB GPU by the memory estimate
     assert spec.execution.checkpoint_every > 0
 
 

@@ -1,4 +1,5 @@
 """One training run: determinism, divergence as a result, checkpoints, records on disk."""
+import contextlib
 import math
 from pathlib import Path
 
@@ -54,6 +55,97 @@ def test_spike_rule_stops_a_run_with_a_loss_jump():
     assert not any(reasons) and mon.spike_score < 6
     assert mon.update(40, 5.0, 1.0) == "loss_spike"
     assert mon.spike_score > 6
+
+
+@pytest.mark.parametrize("mode,stops,recorded", [("stop", True, True), ("record", False, True), ("off", False, False)])
+def test_each_divergence_rule_stops_records_or_is_off(mode, stops, recorded):
+    from bench.config import DivergenceConfig
+    from bench.divergence import DivergenceMonitor
+
+    mon = DivergenceMonitor(DivergenceConfig(spike_window=32, spike=mode, loss_above_L0=mode), L0=4.0, warmup=0)
+    for s in range(1, 40):
+        assert mon.update(s, 3.0 + 0.01 * (s % 3), 1.0) is None
+    assert (mon.update(40, 5.5, 1.0) is not None) == stops  # a spike and above L0 + 1 nat at once
+    assert mon.update(41, 3.0, 1.0) is None
+    assert (mon.events_text() == "loss_above_L0@40,loss_spike@40") == recorded
+    assert (mon.events_text() == "") == (not recorded)
+
+
+def test_a_run_whose_rules_only_record_trains_to_the_end_and_records_what_fired():
+    """The study's protocol: no early stop but on a non-finite loss; the rules that fired are in the row."""
+    div = {"loss_above_L0": "record", "spike": "record"}
+    cfg = tiny_config(model="micro", lr=3.0, steps=60, warmup=5, log_every=1, divergence=div)
+    r = train(cfg).run
+    stopped = train(cfg.replace(divergence={})).run  # the default rules stop
+    assert stopped["diverged"] and stopped["steps_done"] < 60
+    if r["diverged"]:  # only a non-finite loss may stop it
+        assert r["diverged_reason"] == "nonfinite"
+    else:
+        assert r["steps_done"] == 60 and r["diverged_step"] is None
+    assert stopped["diverged_reason"] in r["divergence_events"]
+    assert f"{stopped['diverged_reason']}@{stopped['diverged_step']}" in r["divergence_events"]
+
+
+def test_final_loss_fp32_equals_final_loss_for_fp32_runs():
+    r = train(tiny_config(precision="fp32")).run
+    assert r["final_loss_fp32"] == r["final_loss"]
+    res = train(tiny_config(precision="fp32"))
+    evals = [c for c in res.curve if c["val_loss"] is not None]
+    assert evals and all(c["val_loss_fp32"] == c["val_loss"] for c in evals)
+
+
+def test_a_bf16_emu_run_is_evaluated_again_in_fp32_on_its_final_weights():
+    from bench.data import load_data
+    from bench.model import GPT
+    from bench.trainer import evaluate
+    from bench.stabilizers import make_stabilizer
+
+    cfg = tiny_config(precision="bf16-emu", final_eval_batches=3)
+    res = train(cfg, keep_weights=True)
+    r = res.run
+    assert r["final_loss_fp32"] != r["final_loss"]
+    assert abs(r["final_loss_fp32"] - r["final_loss"]) < 0.05  # the rounding, not another model
+    model = GPT(cfg.model_config())
+    model.load_state_dict(res.weights)
+    batches = load_data(cfg.data, cfg.vocab_size).val_batches(3, cfg.batch_size, cfg.seq_len)
+    fp32 = evaluate(model, make_stabilizer("baseline"), batches, torch.device("cpu"), contextlib.nullcontext())
+    assert r["final_loss_fp32"] == pytest.approx(fp32["val_loss"], rel=1e-6)
+    evals = [c for c in res.curve if c["val_loss"] is not None]
+    assert all(c["val_loss_fp32"] is not None and c["val_loss_fp32"] != c["val_loss"] for c in evals)
+
+
+def test_evaluation_in_micro_batches_equals_the_whole_batch_evaluation():
+    from bench.data import load_data
+    from bench.model import GPT
+    from bench.stabilizers import make_stabilizer
+    from bench.trainer import evaluate
+
+    cfg = tiny_config(batch_size=4)
+    model = GPT(cfg.model_config())
+    batches = load_data(cfg.data, cfg.vocab_size).val_batches(2, 4, cfg.seq_len)
+    args = (model, make_stabilizer("baseline"), batches, torch.device("cpu"), contextlib.nullcontext())
+    whole, parts = evaluate(*args), evaluate(*args, micro_batch=1)
+    for k in ("val_loss", "logit_mean", "logit_std", "logit_absmax", "mean_log2z"):
+        assert parts[k] == pytest.approx(whole[k], rel=1e-6), k
+
+
+def test_a_resumed_optimizer_takes_this_machines_kernels_not_the_saving_ones():
+    """A checkpoint saved on CUDA (fused AdamW) resumes on a CPU with foreach, not fused."""
+    from bench.train_module import SingleModule
+
+    m = SingleModule(tiny_config())
+    state = m.state_dict()
+    for group in state["optimizer"]["param_groups"]:
+        group["fused"], group["foreach"] = True, None  # as a CUDA module saves it
+    m.load_state_dict(state)
+    assert all(g["fused"] is False and g["foreach"] is True for g in m.opt.param_groups)
+
+
+def test_the_final_evaluation_uses_final_eval_batches():
+    a = train(tiny_config(final_eval_batches=2)).run  # eval_batches = 2: the same evaluation
+    b = train(tiny_config(final_eval_batches=5)).run
+    assert a["final_loss"] == train(tiny_config()).run["final_loss"]
+    assert b["final_loss"] != a["final_loss"] and b["run_id"] != a["run_id"]
 
 
 def test_checkpoint_resume_reproduces_the_uninterrupted_run(tmp_path):

@@ -265,4 +265,25 @@ def markdown(runs: pd.DataFrame, lam_runs: pd.DataFrame | None = None,
         parts += ["CPU-scale LRS per λ (nats; mean over seeds [95 % bootstrap CI]):", "",
                   to_markdown(lrs_by_model(lam_runs)), ""]
     parts += ["Verdicts:", "", to_markdown(claims_table(runs, lam_runs)), ""]
+    fp32 = _fp32_runs(runs)
+    if fp32 is not None:
+        lam32 = _fp32_runs(lam_runs) if lam_runs is not None else None
+        parts += ["The same, on the final losses re-evaluated in fp32 (`final_loss_fp32`: the same weights and "
+                  "batches without the run's bf16 rounding):", "",
+                  "CPU-scale LRS, fp32 evaluation (nats; mean over seeds [95 % bootstrap CI]):", "",
+                  to_markdown(lrs_by_model(fp32)), "",
+                  "Verdicts, fp32 evaluation:", "", to_markdown(claims_table(fp32, lam32)), ""]
     return "\n".join(parts)
+
+
+def _fp32_runs(runs: pd.DataFrame | None) -> pd.DataFrame | None:
+    """``runs`` scored by ``final_loss_fp32`` when they carry it and it differs somewhere (a bf16 or
+    bf16-emu run); None otherwise (fp32 runs: the two losses are one)."""
+    from .results import use_loss
+
+    if runs is None or "final_loss_fp32" not in runs.columns or "final_loss_run_precision" in runs.columns:
+        return None  # no fp32 losses, or the runs are scored by them already (--loss final_loss_fp32)
+    fp32 = pd.to_numeric(runs["final_loss_fp32"], errors="coerce")
+    if fp32.isna().all() or (fp32 == pd.to_numeric(runs["final_loss"])).all():
+        return None
+    return use_loss(runs, "final_loss_fp32")

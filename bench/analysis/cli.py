@@ -29,6 +29,13 @@ def configure(name: str, parser: argparse.ArgumentParser) -> None:
                                                               "(default: stdout only)")
         return
     parser.add_argument("results_dir", metavar="DIR", help="results directory (results/<sweep name>)")
+    if name == "precision-tax":
+        parser.add_argument("--run", metavar="RUN_ID", help="the saved run (DIR/models/RUN_ID.pt; default: the only one)")
+        parser.add_argument("--figures", metavar="DIR", help="folder for precision_tax.png (default: DIR/figures)")
+        parser.add_argument("--markdown", metavar="FILE", help="also write the Markdown to FILE (default: stdout only)")
+        parser.add_argument("--compare", metavar="CSV", help="the study's diagnostics CSV (oec_paper_diagnostics.csv): "
+                                                             "predict its untied gaps (default: none)")
+        return
     if name == "claims":
         parser.add_argument("--lambda", dest="lambda_dir", metavar="DIR",
                             help="results directory of a λ sweep, for claim (e) (default: none)")
@@ -51,6 +58,9 @@ def _protocol_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--study", metavar="NAME", default=None,
                         help="only the runs of this sweep (a results directory can hold several after "
                              "`--force-new-protocol`; default: all, which must share one protocol)")
+    parser.add_argument("--loss", choices=("final_loss", "final_loss_fp32"), default="final_loss",
+                        help="the final loss tables, figures and LRS use: in the run's precision, or the same "
+                             "weights re-evaluated in fp32 (default: %(default)s)")
     parser.add_argument("--mixed-protocols", action="store_true",
                         help="pool runs of different protocols anyway (default: refuse, naming what differs)")
 
@@ -60,8 +70,12 @@ def _load(path: str, args: argparse.Namespace):
 
     from .results import load_results
 
+    from .results import use_loss
+
     try:
-        return load_results(path, args.study, args.mixed_protocols)
+        res = load_results(path, args.study, args.mixed_protocols)
+        res.runs = use_loss(res.runs, getattr(args, "loss", "final_loss"))
+        return res
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
 
@@ -174,10 +188,46 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _precision_tax(args: argparse.Namespace) -> int:
+    from bench.errors import UsageError
+
+    from . import precision_tax as pt
+    from .figures import save_figure
+    from .tables import to_markdown
+
+    try:
+        logits, targets, cfg = pt.run_logits(args.results_dir, args.run)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    published = _published(args.compare)
+    tax = pt.offset_tax(logits, targets)
+    gaps = pt.predict_gaps(logits, targets, published) if published is not None else None
+    what = (f"run {cfg['run_id']}: {cfg['model']} {cfg['stabilizer']} lr={cfg['lr']:g}, V={cfg['vocab_size']}, "
+            f"{logits.shape[0]} validation tokens, data {cfg['data']}")
+    def g4(df):
+        return df.map(lambda x: f"{x:.4g}" if isinstance(x, float) else x)
+
+    wide = g4(tax.pivot(index="offset", columns="format", values="tax").reset_index())
+    parts = [f"Precision tax of a logit offset ({what}; exact loss {tax['exact'].iloc[0]:.4f} nats):", "",
+             "Cross-entropy increase (nats) when c is added to every logit and the logits are rounded:", "",
+             to_markdown(wide.rename(columns={"offset": "c (nats)"})), ""]
+    if gaps is not None:
+        parts += ["The study's untied baselines: the bf16 tax of their published mean logit on this run's logits "
+                  "(tax), and on them rescaled to the published σ (tax_at_sigma; loss_at_sigma: their exact loss), "
+                  "beside the published gap to μ-centering (nats):", "",
+                  to_markdown(g4(gaps)), ""]
+    out = Path(args.figures) if args.figures else Path(args.results_dir) / "figures"
+    written = save_figure(pt.tax_figure(tax, gaps, what), out, "precision_tax", formats=("png",))
+    _emit("\n".join(parts), args.markdown)
+    for p in written:  # noqa: B007
+        print(f"wrote {p}")
+    return 0
+
+
 def main(name: str, args: argparse.Namespace) -> int:
     """Run subcommand ``name``; bad input raises ``bench.errors.UsageError`` (one line, exit 2)."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless: never open a window
     return {"figures": _figures, "report": _report, "leaderboard": _leaderboard, "claims": _claims,
-            "compare": _compare}[name](args)
+            "compare": _compare, "precision-tax": _precision_tax}[name](args)

@@ -87,6 +87,29 @@ def setting_label(stabilizer: str, hp_json: str) -> str:
     return f"{name} ({inner})" if inner else name
 
 
+LOSSES = ("final_loss", "final_loss_fp32")
+"""The final losses an analysis can use: in the run's precision (default) or re-evaluated in fp32."""
+
+
+def use_loss(runs: pd.DataFrame, column: str = "final_loss") -> pd.DataFrame:
+    """``runs`` with ``column`` as the final loss every table, figure and the LRS formula use
+    (``final_loss`` and ``final_loss_clipped`` replaced; ``final_loss_run_precision`` keeps the
+    original). ValueError when the runs do not carry it (results written before schema 3)."""
+    if column not in LOSSES:
+        raise ValueError(f"unknown loss {column!r}; allowed: {', '.join(LOSSES)}")
+    if column == "final_loss":
+        return runs
+    values = pd.to_numeric(runs[column], errors="coerce") if column in runs.columns else None
+    if values is None or values.isna().all():
+        raise ValueError(f"these runs carry no {column} (recorded since schema 3: re-run the sweep to get it)")
+    from bench.records import clipped_final_loss
+
+    diverged = runs["diverged"].fillna(False) if "diverged" in runs.columns else pd.Series(False, index=runs.index)
+    out = runs.assign(final_loss_run_precision=runs["final_loss"], final_loss=values)
+    out["final_loss_clipped"] = [clipped_final_loss(v, l0, d) for v, l0, d in zip(values, out["L0"], diverged)]
+    return prepare_runs(out.drop(columns=["loss"], errors="ignore"))
+
+
 def prepare_runs(runs: pd.DataFrame) -> pd.DataFrame:
     """A copy of ``runs`` with the derived columns of this module's docstring.
 

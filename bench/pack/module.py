@@ -40,9 +40,10 @@ class PackModule:
             # measured: packed bf16-emu members drift from their unpacked runs (1% in loss after 60
             # steps): the batched matmuls round at other points than the single model's
             raise ValueError("precision 'bf16-emu' cannot be trained in packs; use pack = 1")
-        runtime.tune_allocator()
         runtime.set_threads(c0.threads)
         self.device = resolve_device(c0)
+        if self.device.type == "cpu":  # glibc heap settings help CPU tensors only
+            runtime.tune_allocator()
         runtime.set_tf32(c0.tf32, self.device)
         self.precision = resolve_precision(c0.precision, self.device)
         self.autocast = precision_context(self.precision, self.device)
