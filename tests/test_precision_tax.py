@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.analysis.precision_tax import FORMATS, cross_entropy, offset_tax, predict_gaps, with_std
+from bench.analysis.precision_tax import FORMATS, cross_entropy, offset_tax, predict_gaps
 
 
 def planted(n: int = 512, V: int = 1000, sigma: float = 3.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,13 +51,6 @@ def test_fp16_costs_less_than_bf16_and_fp8_saturates_past_448():
         assert by["fp8-e4m3"] == pytest.approx(math.log(1000) - cross_entropy(logits, targets), rel=1e-6)
 
 
-def test_with_std_sets_the_mean_per_token_standard_deviation():
-    logits, _ = planted(sigma=2.0)
-    scaled = with_std(logits, 139.0)
-    assert float(scaled.std(dim=-1, unbiased=False).mean()) == pytest.approx(139.0, rel=1e-9)
-    assert float(scaled.mean(dim=-1).abs().max()) < 1e-9
-
-
 def test_predicted_gaps_pair_each_published_baseline_with_its_mucentering_run():
     logits, targets = planted()
     pub = pd.DataFrame([
@@ -71,5 +64,5 @@ def test_predicted_gaps_pair_each_published_baseline_with_its_mucentering_run():
     assert row["published_gap"] == pytest.approx(0.4)
     direct = offset_tax(logits, targets, offsets=[588.0], formats=["bf16"])["tax"].iloc[0]
     assert row["tax"] == pytest.approx(direct, rel=1e-9)
-    with pytest.raises(ValueError, match="logit_std"):
-        predict_gaps(logits, targets, pub.drop(columns="logit_std"))
+    with pytest.raises(ValueError, match="logit_mean"):
+        predict_gaps(logits, targets, pub.drop(columns="logit_mean"))

@@ -213,8 +213,7 @@ def _precision_tax(args: argparse.Namespace) -> int:
              to_markdown(wide.rename(columns={"offset": "c (nats)"})), ""]
     if gaps is not None:
         parts += ["The study's untied baselines: the bf16 tax of their published mean logit on this run's logits "
-                  "(tax), and on them rescaled to the published σ (tax_at_sigma; loss_at_sigma: their exact loss), "
-                  "beside the published gap to μ-centering (nats):", "",
+                  "(tax) beside the published gap to μ-centering (nats):", "",
                   to_markdown(g4(gaps)), ""]
     out = Path(args.figures) if args.figures else Path(args.results_dir) / "figures"
     written = save_figure(pt.tax_figure(tax, gaps, what), out, "precision_tax", formats=("png",))
