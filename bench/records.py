@@ -224,16 +224,37 @@ def _set_aside(path: Path, error: Exception) -> None:
 
 
 def _readable(path: Path, schema: pa.Schema | None = None, **kw: Any) -> pa.Table | None:
-    """The table in ``path``; None if missing, or unreadable (then set aside as ``*.corrupt``)."""
+    """The table in ``path``; None if missing, or unreadable (then set aside as ``*.corrupt``).
+
+    The file is opened once and read through that one descriptor: writers replace these files by
+    rename while others read them, and a reader that reopened the path mid-read would mix the
+    footer of one file with the pages of the next, which looks like damage. A file replaced while
+    it was being read is read again, never set aside."""
+    for _ in range(5):
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            return None
+        with f:
+            try:
+                return pq.read_table(f, schema=schema, **kw)
+            except (pa.ArrowException, OSError, ValueError) as e:
+                if isinstance(e, OSError) and getattr(e, "errno", None) is not None:
+                    raise  # an I/O error (not a damaged file): nothing to set aside
+                if _replaced(f, path):
+                    continue  # a writer renamed a new file into place: read that one
+                _set_aside(path, e)
+                return None
+    return None
+
+
+def _replaced(f: Any, path: Path) -> bool:
+    """Has ``path`` been replaced (or removed) since ``f`` was opened on it?"""
     try:
-        return pq.read_table(path, schema=schema, **kw)
+        now, then = os.stat(path), os.fstat(f.fileno())
     except FileNotFoundError:
-        return None
-    except (pa.ArrowException, OSError, ValueError) as e:
-        if isinstance(e, OSError) and getattr(e, "errno", None) is not None:
-            raise  # an I/O error (not a damaged file): nothing to set aside
-        _set_aside(path, e)
-        return None
+        return True
+    return (now.st_dev, now.st_ino) != (then.st_dev, then.st_ino)
 
 
 @contextmanager
