@@ -397,6 +397,26 @@ def from_dict(d: dict[str, Any], source: str | None = None) -> RunConfig:
     return cfg
 
 
+def upgrade_stored(d: dict[str, Any]) -> dict[str, Any]:
+    """A config dict as an older stabench stored it (runs.parquet ``config``, a trial's attribute), in
+    today's fields: no ``arch_version`` → 1 (the model before issue 14); ``divergence.stop_on_spike``
+    → ``divergence.spike`` (``stop`` / ``record``). Today's dicts pass unchanged."""
+    out = dict(d)
+    out.setdefault("arch_version", 1)
+    div = out.get("divergence")
+    if isinstance(div, dict) and "stop_on_spike" in div:
+        div = dict(div)
+        div.setdefault("spike", "stop" if div.pop("stop_on_spike") else "record")
+        out["divergence"] = div
+    return out
+
+
+def from_stored(d: dict[str, Any], source: str | None = None) -> RunConfig:
+    """``from_dict`` of a stored config of any stabench version (see ``upgrade_stored``); not checked
+    (an older architecture version is readable, not trainable)."""
+    return from_dict(upgrade_stored(d), source)
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML file as data (never executed); errors name the file.
 

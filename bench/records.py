@@ -14,7 +14,8 @@ part wins). Every file carries ``schema_version`` in its Parquet metadata.
 Schema versions: 1 had ``started_at`` as an ISO 8601 string and no ``final_loss_clipped``;
 2 stores ``started_at`` as ``timestamp[us, tz=UTC]`` and adds ``final_loss_clipped``; 3 adds
 ``arch_version`` (rows of older files: 1, the model before issue 14), ``final_loss_fp32``,
-``divergence_events`` and the curves' ``val_loss_fp32`` (null in older files). Files of older
+``divergence_events`` and the curves' ``val_loss_fp32`` (null in older files; a null
+``arch_version`` reads as 1). Files of older
 versions are upgraded when read (:func:`read_runs`) and when merged with newer rows.
 """
 from __future__ import annotations
@@ -329,6 +330,9 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
                      if "final_loss_clipped" in names else table.append_column("final_loss_clipped", col))
         if "arch_version" not in table.column_names:  # schema < 3: the model before issue 14
             table = table.append_column("arch_version", pa.array([1] * table.num_rows, pa.int64()))
+        elif table["arch_version"].null_count:  # a row that does not say: the model before issue 14
+            filled = pa.compute.fill_null(table["arch_version"].cast(pa.int64()), 1)
+            table = table.set_column(table.column_names.index("arch_version"), "arch_version", filled)
     cols = [table[n].cast(t) if n in table.column_names else pa.nulls(len(table), t)
             for n, t in zip(schema.names, schema.types)]
     return pa.table(cols, schema=schema)
@@ -337,8 +341,10 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 def _upgrade_runs(df: pd.DataFrame) -> pd.DataFrame:
     """Runs of an older schema as the current one: ``started_at`` a UTC timestamp and
     ``final_loss_clipped`` filled where missing. Returns ``df`` itself when nothing changes."""
-    if "arch_version" not in df.columns and "run_id" in df.columns:  # schema < 3: the model before issue 14
-        df = df.assign(arch_version=pd.Series(1, index=df.index, dtype="int64"))
+    if "run_id" in df.columns and ("arch_version" not in df.columns or df["arch_version"].isna().any()):
+        # schema < 3, or a row that does not say: the model before issue 14
+        old = df["arch_version"] if "arch_version" in df.columns else pd.Series(pd.NA, index=df.index)
+        df = df.assign(arch_version=old.fillna(1).astype("int64"))
     if "started_at" in df.columns and not isinstance(df["started_at"].dtype, pd.DatetimeTZDtype):
         df = df.assign(started_at=_utc_timestamps(df["started_at"]).astype("datetime64[us, UTC]"))
     if {"final_loss", "L0"} <= set(df.columns):

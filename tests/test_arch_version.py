@@ -54,3 +54,42 @@ def test_analysis_refuses_to_pool_versions_unless_told_to(tmp_path):
     assert len(load_results(tmp_path, study="new").runs) == 2
     frame = pd.DataFrame(_runs(2, "a") + _runs(2, "b"))
     assert len(one_protocol(frame, "here")) == 4  # one version, one protocol
+
+
+def test_a_stored_config_of_the_old_model_reads_as_version_1():
+    from bench.config import from_stored, upgrade_stored
+
+    old = RunConfig().to_dict()
+    old.pop("arch_version")
+    div = {k: v for k, v in old["divergence"].items() if k not in ("nonfinite", "loss_above_L0", "spike")}
+    old["divergence"] = {**div, "stop_on_spike": False}  # how version 1 wrote the spike rule
+    cfg = from_stored(old)
+    assert cfg.arch_version == 1 and cfg.divergence.spike == "record"
+    assert from_stored(RunConfig().to_dict()) == RunConfig()  # today's configs pass unchanged
+    assert upgrade_stored({"divergence": {"stop_on_spike": True}})["divergence"] == {"spike": "stop"}
+
+
+def test_re_running_a_sweep_over_results_of_the_old_model_names_the_version(tmp_path, capsys):
+    """A results directory of version-1 runs: the sweep refuses to mix them (exit 2, one line naming
+    arch_version) instead of failing on the old config's keys; --force-new-protocol retrains."""
+    from bench.cli import main
+
+    old = RunConfig().to_dict()
+    old.pop("arch_version")
+    div = {k: v for k, v in old["divergence"].items() if k not in ("nonfinite", "loss_above_L0", "spike")}
+    old["divergence"] = {**div, "stop_on_spike": True}
+    sweep = tmp_path / "s.toml"
+    sweep.write_text('name = "s"\n[train]\nsteps = 20\nwarmup = 2\nvocab_size = 256\ndata = "synthetic:tokens=50000"\n'
+                     '[grid]\nmodels = ["nano"]\nlr = [0.01]\n[stabilizers]\nbaseline = {}\n')
+    out = tmp_path / "out"
+    row = dict(run_id="old0", sweep="s", model="nano", stabilizer="baseline", hparams="{}", lr=0.01, seed=1,
+               weight_tying=False, precision="fp32", L0=5.5, final_loss=3.0, diverged=False, vocab_size=256,
+               config=json.dumps({**old, "sweep": "s", "steps": 20, "warmup": 2, "vocab_size": 256,
+                                  "data": "synthetic:tokens=50000", "model": "nano", "lr": 0.01}),
+               schema_version=2)
+    records.write_run(out, row, [])
+    assert main(["sweep", str(sweep), "--out", str(out), "--workers", "1"]) == 2
+    assert "arch_version: 1 → 2" in capsys.readouterr().err
+    assert main(["sweep", str(sweep), "--out", str(out), "--workers", "1", "--force-new-protocol"]) == 0
+    runs = records.read_runs(out)
+    assert sorted(runs["arch_version"]) == [1, 2]  # the old row kept, the point retrained on today's model

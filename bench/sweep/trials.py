@@ -28,7 +28,7 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from ..config import RunConfig, from_dict
+from ..config import RunConfig, from_stored
 from .grid import definition_attrs, distributions, expand, point_params, study_names, variants
 from .spec import SweepSpec
 from .storage import SweepStorage
@@ -95,7 +95,7 @@ def _protocol_of_config(config: dict[str, Any], spec: SweepSpec) -> dict[str, An
     from ..config import protocol
 
     exclude = ("precision",) if spec.grid.precision else ()
-    return _jsonable_tree(protocol(from_dict(config), exclude=exclude))
+    return _jsonable_tree(protocol(from_stored(config), exclude=exclude))
 
 
 def _study_protocol(study: optuna.Study, spec: SweepSpec) -> dict[str, Any] | None:
@@ -265,7 +265,7 @@ class TrialQueue:
             if len(out) >= k - 1:
                 break
             try:
-                if pack_key(from_dict(t.user_attrs["config"])) != want:
+                if pack_key(from_stored(t.user_attrs["config"])) != want:
                     continue
             except (KeyError, ValueError, TypeError):
                 continue  # unusable: left for a plain claim, which fails it with its reason
@@ -301,7 +301,7 @@ class TrialQueue:
             st.set_trial_state_values(t._trial_id, TrialState.COMPLETE, [trial_value(run)])
             return None
         try:
-            cfg = from_dict(t.user_attrs["config"])
+            cfg = from_stored(t.user_attrs["config"])
             if cfg.key() != key:
                 raise ValueError(f"config hashes to {cfg.key()}, not its key {key} (another stabench version?)")
         except Exception as e:
