@@ -86,7 +86,7 @@ def test_a_schema_1_part_file_still_merges(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["cpu-repro", "cpu-lambda", "cpu-long"])
-def test_committed_schema_1_results_read_with_the_clipped_loss(name):
+def test_committed_results_read_with_the_clipped_loss_and_their_version(name):
     path = ROOT / "results" / name
     if not (path / "runs.parquet").is_file():
         pytest.skip(f"{path} not committed")
@@ -96,6 +96,7 @@ def test_committed_schema_1_results_read_with_the_clipped_loss(name):
     assert (prepared["final_loss_clipped"] == prepared["loss"]).all()
     assert (prepared.loc[prepared["failed"], "final_loss_clipped"] == prepared.loc[prepared["failed"], "L0"]).all()
     assert (prepared["final_loss_clipped"] <= prepared["L0"]).all()
+    assert (runs["arch_version"] == 2).all() and runs["final_loss_fp32"].notna().all()  # regenerated in issue 14
 
 
 def test_tables_use_the_stored_clipped_loss():
