@@ -233,8 +233,9 @@ def _readable(path: Path, schema: pa.Schema | None = None, **kw: Any) -> pa.Tabl
     it was being read is read again, never set aside."""
     for _ in range(5):
         try:
-            f = open(path, "rb")
-        except FileNotFoundError:
+            before = os.stat(path)
+            f = pa.OSFile(str(path), "r")  # a native file: a Python file object here left pyarrow
+        except FileNotFoundError:         # threads holding it at exit (abort at interpreter shutdown)
             return None
         with f:
             try:
@@ -242,20 +243,20 @@ def _readable(path: Path, schema: pa.Schema | None = None, **kw: Any) -> pa.Tabl
             except (pa.ArrowException, OSError, ValueError) as e:
                 if isinstance(e, OSError) and getattr(e, "errno", None) is not None:
                     raise  # an I/O error (not a damaged file): nothing to set aside
-                if _replaced(f, path):
+                if _replaced(before, path):
                     continue  # a writer renamed a new file into place: read that one
                 _set_aside(path, e)
                 return None
     return None
 
 
-def _replaced(f: Any, path: Path) -> bool:
-    """Has ``path`` been replaced (or removed) since ``f`` was opened on it?"""
+def _replaced(before: os.stat_result, path: Path) -> bool:
+    """Has ``path`` been replaced (or removed) since it was stat'ed as ``before``?"""
     try:
-        now, then = os.stat(path), os.fstat(f.fileno())
+        now = os.stat(path)
     except FileNotFoundError:
         return True
-    return (now.st_dev, now.st_ino) != (then.st_dev, then.st_ino)
+    return (now.st_dev, now.st_ino) != (before.st_dev, before.st_ino)
 
 
 @contextmanager
