@@ -166,15 +166,20 @@ def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
 
 
-def _atomic_write_table(table: pa.Table, path: Path) -> None:
+def _atomic_write(path: Path, write: Any) -> None:
+    """``write(tmp)`` to the writer's temporary of ``path``, then rename it into place (removed on failure)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_path(path)
     try:
-        pq.write_table(table, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _atomic_write_table(table: pa.Table, path: Path) -> None:
+    _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def pid_alive(pid: int) -> bool:
@@ -460,14 +465,7 @@ def save_weights(out_dir: str | Path, run_id: str, config: dict[str, Any], weigh
     import torch
 
     path = weights_path(out_dir, run_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    try:
-        torch.save({"run_id": run_id, "config": config, "weights": weights}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    _atomic_write(path, lambda tmp: torch.save({"run_id": run_id, "config": config, "weights": weights}, tmp))
     return path
 
 

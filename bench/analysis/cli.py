@@ -204,6 +204,7 @@ def _precision_tax(args: argparse.Namespace) -> int:
     gaps = pt.predict_gaps(logits, targets, published) if published is not None else None
     what = (f"run {cfg['run_id']}: {cfg['model']} {cfg['stabilizer']} lr={cfg['lr']:g}, V={cfg['vocab_size']}, "
             f"{logits.shape[0]} validation tokens, data {cfg['data']}")
+
     def g4(df):
         return df.map(lambda x: f"{x:.4g}" if isinstance(x, float) else x)
 
@@ -218,7 +219,7 @@ def _precision_tax(args: argparse.Namespace) -> int:
     out = Path(args.figures) if args.figures else Path(args.results_dir) / "figures"
     written = save_figure(pt.tax_figure(tax, gaps, what), out, "precision_tax", formats=("png",))
     _emit("\n".join(parts), args.markdown)
-    for p in written:  # noqa: B007
+    for p in written:
         print(f"wrote {p}")
     return 0
 
