@@ -37,7 +37,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                       "paired tests, one figure"),
     "precision-tax": ("bench.analysis.cli", "the cross-entropy cost of rounding a common logit offset, on a saved "
                                             "run; with --compare, the study's untied gaps it predicts"),
+    "regime": ("bench.analysis.cli", "regime search: do untied baselines reach the study's mean logit >= 100 or "
+                                     "(log Z)^2 >= 1e4? Table, growth fits to 100k steps, one figure"),
     "perf": ("bench.perf_cli", "benchmark step time, MFU, stabilizer overhead and sweep throughput"),
+    "device-check": ("bench.device_check", "the prepared GPU check: CUDA tests, perf at 16M-221M, packed vs "
+                                           "unpacked; JSON and Markdown (--device cpu --quick: the dry run)"),
 }
 
 SWEEP_FILE_NOTE = "pass the sweep file as the first argument"

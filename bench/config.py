@@ -23,6 +23,10 @@ from pydantic import ConfigDict, TypeAdapter
 from .errors import ConfigError
 from .presets import ARCH_VERSION, PRESETS, ModelConfig, preset
 
+DEFAULT_HEAD_CHUNK = 1024
+"""Tokens per chunk of the loss head (``RunConfig.head_chunk``, ``bench.head``); chosen by
+``stabench perf`` (README "Performance"): 1024 × V fp32 logits are 32 MiB at V = 8192."""
+
 
 Precision = Literal["auto", "fp32", "bf16", "bf16-emu", "fp64"]
 """A run's numeric precision (see ``bench.precision``)."""
@@ -160,6 +164,9 @@ class RunConfig:
     micro_batch_size: int | None = execution_field(None, pack_shared=13, cli=7)  # grad. accumulation; None = batch_size
     device: Literal["auto", "cpu", "cuda"] = execution_field("auto", pack_shared=14, cli=13)
     compile: bool = execution_field(False, pack_shared=16)  # a pack compiles its batched forward or not
+    # tokens per chunk of the loss head (bench.head): the (B·T × V) logits are never held at once;
+    # 0 = the unchunked head. Same arithmetic up to summation order (as threads); packs use 0.
+    head_chunk: int = execution_field(DEFAULT_HEAD_CHUNK)
     threads: int | None = execution_field(None, pack_shared=15, cli=15)
     log: Literal["none", "tensorboard", "wandb", "mlflow"] = execution_field("none", cli=21)  # bench.tracking
 
@@ -187,9 +194,24 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def resolved_precision(self) -> str:
+        """``precision`` with "auto" resolved for ``device`` ("auto": this machine's, CUDA if it has
+        one), as training resolves it: bf16 on CUDA and on CPUs with native bf16, else fp32."""
+        if self.precision != "auto":
+            return self.precision
+        import torch
+
+        from .precision import resolve_precision
+        dev = self.device if self.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        return resolve_precision("auto", torch.device(dev))
+
     def key(self) -> str:
-        """16-hex-digit hash of the run fields (execution fields excluded; see ``_key_dict``)."""
+        """16-hex-digit hash of the run fields (execution fields excluded; see ``_key_dict``), with
+        the precision resolved (``resolved_precision``): an "auto" run trained in fp32 on a CPU and
+        one trained in bf16 on a GPU are different runs, with different keys and checkpoints."""
         d = _key_dict(self)
+        d["precision"] = self.resolved_precision
         d["hparams"] = {k: float(v) for k, v in sorted(d["hparams"].items())}
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -250,6 +272,9 @@ class RunConfig:
             fail("micro_batch_size", f"must divide batch_size={self.batch_size}, got {mb}")
         if self.threads is not None and self.threads <= 0:
             fail("threads", f"must be >= 1, got {self.threads}")
+        if isinstance(self.head_chunk, bool) or self.head_chunk < 0:
+            fail("head_chunk", f"must be an integer >= 0 (tokens per chunk of the loss head; 0 = unchunked), "
+                               f"got {self.head_chunk!r}")
         if self.model_config().n_embd % self.model_config().n_head:
             fail("model", "width not divisible by heads")
         self.divergence.check(source)

@@ -7,8 +7,9 @@ the numbers instead of an out-of-memory traceback.
 """
 from __future__ import annotations
 
+import math
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
 from .model import count_params
@@ -22,7 +23,35 @@ normalized and rotated q k, attention output, projection, residuals)."""
 ACTIVATIONS_PER_LAYER_F = 4
 """F-wide values per token and block (SwiGLU gate and up, the SiLU of the gate, their product)."""
 LOGIT_COPIES = 3
-"""Float32 (B, T, V) tensors alive at once: the logits, their log-softmax and its gradient."""
+"""Float32 (B, T, V) tensors alive at once in the unchunked head: the logits, their log-softmax
+and its gradient."""
+CHUNK_COPIES = 4
+"""Float32 (chunk, V) tensors alive at once in the chunked head (``bench.head``): the logits, the
+transformed logits or a GEMM temporary, the log-softmax turned gradient, and a rounding copy."""
+
+
+def head_is_chunked(cfg: "RunConfig") -> bool:
+    """Whether ``cfg``'s loss head runs in chunks: ``head_chunk`` > 0 and a stabilizer whose
+    ``loss_term`` reads neither logits nor log Z (an unloadable spec counts as unchunked)."""
+    if cfg.head_chunk <= 0:
+        return False
+    try:
+        from .stabilizers import load_stabilizer_class
+        return load_stabilizer_class(cfg.stabilizer).chunkable()
+    except Exception:  # noqa: BLE001 - the spec is checked, with its own message, elsewhere
+        return False
+
+
+def head_bytes(cfg: "RunConfig", train: bool = True) -> int:
+    """Bytes the loss head of one micro-batch holds at its peak (float32 logits-sized buffers,
+    and for the chunked head's training pass its (V × H) and (N × H) gradients)."""
+    m = cfg.model_config()
+    N = (cfg.micro_batch_size or cfg.batch_size) * cfg.seq_len
+    V, H = m.vocab_size, m.n_embd
+    if not head_is_chunked(cfg):
+        return (LOGIT_COPIES if train else 2) * N * V * 4
+    n = min(cfg.head_chunk, N)
+    return (CHUNK_COPIES if train else 2) * n * V * 4 + ((V + N) * H * 4 if train else 0)
 
 
 def step_terms(cfg: "RunConfig") -> dict[str, int]:
@@ -33,10 +62,10 @@ def step_terms(cfg: "RunConfig") -> dict[str, int]:
     s_p = 8 if cfg.precision == "fp64" else 4  # parameters, gradients and AdamW moments
     s_a = {"fp64": 8, "bf16": 2}.get(cfg.precision, 4)  # activations ("auto" counted as fp32)
     N = (cfg.micro_batch_size or cfg.batch_size) * cfg.seq_len  # tokens of one micro-batch
-    H, F, L, V = m.n_embd, m.ffn_dim, m.n_layer, m.vocab_size
+    H, F, L = m.n_embd, m.ffn_dim, m.n_layer
     return {"parameters and AdamW state": 4 * P * s_p,
             "activations": N * (L * (ACTIVATIONS_PER_LAYER_H * H + ACTIVATIONS_PER_LAYER_F * F) + 2 * H) * s_a,
-            "logits": LOGIT_COPIES * N * V * 4}
+            "logits": head_bytes(cfg)}
 
 
 def estimate_step_bytes(cfg: "RunConfig") -> int:
@@ -49,11 +78,75 @@ def estimate_step_bytes(cfg: "RunConfig") -> int:
         bytes = 4·P·s_p                         weights, gradients, AdamW exp_avg and exp_avg_sq
               + N·(L·(16·H + 4·F) + 2·H)·s_a    activations saved for the backward pass
               + 3·N·V·4                         float32 logits, their log-softmax and its gradient
+                  (chunked head, n = min(head_chunk, N): 4·n·V·4 + (V + N)·H·4; ``head_bytes``)
 
     Attention is counted as a fused kernel (no T×T scores), so this is a lower estimate of
     what the step needs: a config above the machine's memory cannot run.
     """
     return sum(step_terms(cfg).values())
+
+
+def estimate_eval_bytes(cfg: "RunConfig") -> int:
+    """Estimated peak memory of one evaluation forward pass of ``cfg`` (a micro-batch; no gradients),
+    in bytes: the weights, one layer's activations and the head without its gradient buffers::
+
+        bytes = P·s_p + N·(16·H + 4·F)·s_a + head_bytes(train=False)
+    """
+    m = cfg.model_config()
+    P = count_params(m)
+    s_p = 8 if cfg.precision == "fp64" else 4
+    s_a = {"fp64": 8, "bf16": 2}.get(cfg.precision, 4)
+    N = (cfg.micro_batch_size or cfg.batch_size) * cfg.seq_len
+    H, F = m.n_embd, m.ffn_dim
+    return P * s_p + N * (ACTIVATIONS_PER_LAYER_H * H + ACTIVATIONS_PER_LAYER_F * F) * s_a + head_bytes(cfg, train=False)
+
+
+def measure_peak_bytes(fn, device: Any = "cpu") -> int | None:
+    """Peak memory ``fn()`` allocates above what was in use when it started, in bytes.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after a reset, minus the allocation before. CPU:
+    the process's peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) minus
+    its resident set before, after ``malloc_trim`` hands freed heap pages back, so memory glibc
+    kept from earlier steps does not hide this one's. None where neither is available (not Linux).
+    """
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status_bytes("VmRSS")
+    except (OSError, AttributeError):
+        return None
+    fn()
+    return _status_bytes("VmHWM") - before
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def fit_micro_batch(cfg: "RunConfig", budget_bytes: int) -> int | None:
+    """The largest micro_batch_size (a divisor of batch_size) whose step estimate fits ``budget_bytes``;
+    None when not even one sequence per pass does."""
+    n = cfg.batch_size
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    for mb in sorted({*small, *(n // d for d in small)}, reverse=True):
+        if estimate_step_bytes(cfg.replace(micro_batch_size=mb)) <= budget_bytes:
+            return mb
+    return None
 
 
 def device_available(device: str) -> bool:
@@ -95,6 +188,12 @@ def check_memory(cfg: "RunConfig", source: str | None = None) -> None:
     key = {"logits": "vocab_size", "activations": "seq_len"}.get(largest, "model")
     parts = ", ".join(f"{k} {_gib(v)}" for k, v in terms.items())
     mb = cfg.micro_batch_size or cfg.batch_size
+    fits = fit_micro_batch(cfg, total)
+    if fits is not None:
+        raise ConfigError("micro_batch_size", f"one training step needs about {_gib(need)} ({parts}; micro-batch "
+                          f"{mb} × seq_len {cfg.seq_len}), more than this machine's {_gib(total)} of {what}; "
+                          f"micro_batch_size = {fits} fits (the largest divisor of batch_size {cfg.batch_size} "
+                          "that does, by bench.memory)", source)
     raise ConfigError(key, f"one training step needs about {_gib(need)} ({parts}; model {cfg.model!r}, "
                       f"micro-batch {mb} × seq_len {cfg.seq_len} × vocab_size {cfg.vocab_size}), more than "
                       f"this machine's {_gib(total)} of {what}; lower vocab_size, seq_len, batch_size "

@@ -25,8 +25,11 @@ from .model import flops_per_token
 from .precision import resolve_precision
 from .stabilizers import BUILTIN
 
-QUICK = dict(steps=4, warmup_steps=2, rounds=2, overhead_steps=3, layout_steps=10)
-FULL = dict(steps=20, warmup_steps=5, rounds=12, overhead_steps=8, layout_steps=150)
+QUICK = dict(steps=4, warmup_steps=2, rounds=2, overhead_steps=3, layout_steps=10, head_tokens=512)
+FULL = dict(steps=24, warmup_steps=5, rounds=12, overhead_steps=8, layout_steps=150, head_tokens=16384)
+HEAD_PRESET = ("16M", 50304)
+"""The loss head's memory is measured at the study's smallest model and vocabulary (H = 224):
+B·T = ``head_tokens`` tokens (16,384 = 64 × 256 in a full run)."""
 
 
 def _sync(device: torch.device) -> None:
@@ -50,16 +53,43 @@ def median_seconds(fn, device: torch.device, reps: int, warmup: int = 2, after=N
     return statistics.median(times)
 
 
-def gemm_peak(dtype: torch.dtype, device: torch.device, sizes=(512, 1024, 2048), reps: int = 5) -> dict[str, Any]:
-    """Best dense matmul FLOP/s over square sizes (median of ``reps`` timings per size)."""
+def gemm_peak(dtype: torch.dtype, device: torch.device, sizes=None, reps: int = 5) -> dict[str, Any]:
+    """Best dense matmul FLOP/s over square sizes (median of ``reps`` timings per size).
+
+    CPU: one matmul per timing, sizes 512–2048. CUDA: sizes 4096–16384 and 10 back-to-back matmuls
+    between two CUDA events per timing, so kernel launches and host syncs do not count (timing one
+    small matmul between syncs measures launch overhead: a peak too low, an MFU too high)."""
+    cuda = device.type == "cuda"
+    sizes = sizes or ((4096, 8192, 16384) if cuda else (512, 1024, 2048))
     best, at = 0.0, 0
     for n in sizes:
         a = torch.randn(n, n, device=device).to(dtype)
         b = torch.randn(n, n, device=device).to(dtype)
-        flops = 2 * n**3 / median_seconds(lambda: a @ b, device, reps)
+        if cuda:
+            secs = _event_seconds(lambda: a @ b, inner=10, reps=reps)
+        else:
+            secs = median_seconds(lambda: a @ b, device, reps)
+        flops = 2 * n**3 / secs
         if flops > best:
             best, at = flops, n
-    return {"dtype": str(dtype).removeprefix("torch."), "flops": best, "size": at}
+    return {"dtype": str(dtype).removeprefix("torch."), "flops": best, "size": at,
+            "method": "CUDA events over 10 back-to-back matmuls" if cuda else "wall clock per matmul"}
+
+
+def _event_seconds(fn, inner: int, reps: int) -> float:
+    """Median seconds of one ``fn()`` on CUDA: ``inner`` calls between two events, ``reps`` times."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / inner)
+    return statistics.median(times)
 
 
 class StepTimer:
@@ -93,19 +123,85 @@ def _quantile(xs: list[float], q: float) -> float:
     return xs[min(int(q * len(xs)), len(xs) - 1)]
 
 
-def preset_row(cfg: RunConfig, data, steps: int, warmup_steps: int, peak: float) -> dict[str, Any]:
+def preset_row(cfg: RunConfig, data, steps: int, warmup_steps: int, peak: float, rounds: int = 3) -> dict[str, Any]:
+    """Step time of ``cfg`` (its head_chunk) and of the unchunked head (today's ``head_chunk = 0``, the
+    path before the chunked head) interleaved in ``rounds`` rounds, the first step's time (compile
+    included when compiled), and the peak memory of one step of each, measured and estimated."""
+    from .memory import estimate_step_bytes, measure_peak_bytes
+
+    t0 = time.perf_counter()
     timer = StepTimer(cfg, data)
-    timer.run(warmup_steps)
-    times = timer.run(steps)
+    first = timer.run(1)[0]
+    setup = time.perf_counter() - t0 - first
+    old = StepTimer(cfg.replace(head_chunk=0), data) if cfg.head_chunk else None
+    for t in (timer, old):
+        if t is not None:
+            t.run(warmup_steps)
+    times, times_old, ratios = [], [], []
+    per_round = max(1, steps // rounds)
+    for _ in range(rounds):
+        a = timer.run(per_round)
+        times += a
+        if old is not None:
+            b = old.run(per_round)
+            times_old += b
+            ratios.append(statistics.median(b) / statistics.median(a))
     step = statistics.median(times)
     tokens = cfg.batch_size * cfg.seq_len
     fpt = flops_per_token(cfg.model_config())
     achieved = fpt * tokens / step
-    return {"preset": cfg.model, "n_params": timer.s.model.n_params, "vocab_size": cfg.vocab_size,
-            "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "tokens_per_step": tokens,
-            "precision": timer.s.precision, "step_time_s": step, "step_time_p10_s": _quantile(times, 0.1),
-            "step_time_p90_s": _quantile(times, 0.9), "tokens_per_s": tokens / step,
-            "flops_per_token": fpt, "achieved_flops": achieved, "peak_flops": peak, "mfu": achieved / peak}
+    peak_mem = measure_peak_bytes(lambda: timer.run(1), timer.s.device)
+    row = {"preset": cfg.model, "n_params": timer.s.model.n_params, "vocab_size": cfg.vocab_size,
+           "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "tokens_per_step": tokens,
+           "precision": timer.s.precision, "head_chunk": cfg.head_chunk, "compile": cfg.compile,
+           "step_time_s": step, "step_time_p10_s": _quantile(times, 0.1),
+           "step_time_p90_s": _quantile(times, 0.9), "tokens_per_s": tokens / step,
+           "flops_per_token": fpt, "achieved_flops": achieved, "peak_flops": peak, "mfu": achieved / peak,
+           "first_step_s": first, "setup_s": setup, "compile_s": max(first - step, 0.0) if cfg.compile else None,
+           "peak_memory_bytes": peak_mem, "estimated_memory_bytes": estimate_step_bytes(cfg),
+           "step_time_unchunked_s": statistics.median(times_old) if times_old else step,
+           "unchunked_over_chunked": statistics.median(ratios) if ratios else 1.0}
+    if old is not None:
+        row["peak_memory_unchunked_bytes"] = measure_peak_bytes(lambda: old.run(1), old.s.device)
+        row["estimated_memory_unchunked_bytes"] = estimate_step_bytes(cfg.replace(head_chunk=0))
+    else:
+        row["peak_memory_unchunked_bytes"], row["estimated_memory_unchunked_bytes"] = peak_mem, row["estimated_memory_bytes"]
+    return row
+
+
+def head_memory(n_tokens: int, width: int, vocab: int, chunk: int, device: torch.device, reps: int = 2
+                ) -> dict[str, Any]:
+    """The loss head alone (h (n_tokens × width) → logits over ``vocab`` → cross-entropy, forward and
+    backward into h and E), unchunked (``F.linear`` + the fused cross-entropy, the path of
+    ``head_chunk = 0``) and in chunks of ``chunk`` tokens: peak memory (``measure_peak_bytes``) and
+    median seconds, each measured in this process."""
+    from .head import chunked_head
+    from .losses import cross_entropy_lse
+    from .memory import measure_peak_bytes
+
+    g = torch.Generator(device=device).manual_seed(0)
+    h = torch.randn(n_tokens, width, device=device, generator=g).requires_grad_()
+    E = (0.02 * torch.randn(vocab, width, device=device, generator=g)).requires_grad_()
+    y = torch.randint(0, vocab, (n_tokens,), device=device, generator=g)
+
+    def full() -> None:
+        ce, _ = cross_entropy_lse(torch.nn.functional.linear(h, E), y)
+        ce.mean().backward()
+
+    def part() -> None:
+        chunked_head(h, E, y, chunk=chunk, stats=False)[0].backward()
+
+    def drop() -> None:
+        h.grad = E.grad = None
+
+    out: dict[str, Any] = {"tokens": n_tokens, "width": width, "vocab_size": vocab, "chunk": chunk}
+    for name, fn in (("unchunked", full), ("chunked", part)):
+        out[f"{name}_peak_bytes"] = measure_peak_bytes(lambda: (fn(), drop()), device)
+        out[f"{name}_s"] = median_seconds(fn, device, reps, warmup=1, after=drop)
+    if out["chunked_peak_bytes"] and out["unchunked_peak_bytes"]:
+        out["memory_ratio"] = out["chunked_peak_bytes"] / out["unchunked_peak_bytes"]
+    out["time_ratio"] = out["chunked_s"] / out["unchunked_s"]
+    return out
 
 
 AA_CONTROL = "baseline (A/A)"
@@ -150,14 +246,14 @@ def stabilizer_overhead(base: RunConfig, data, rounds: int, steps: int, warmup_s
 
 def hook_time(s, y: torch.Tensor, reps: int = 20) -> float:
     """Median seconds of one step's stabilizer work, timed alone on the module ``s`` with targets y (B, T):
-    ``transform_logits`` forward + backward on (B, T, V) logits, ``loss_term`` forward + backward
+    ``transform_logits`` forward + backward on (B, T, V) logits, ``token_loss`` and ``loss_term`` forward + backward
     (its inputs as the trainer builds them; gradients land in throwaway tensors) and
     ``apply_after_step`` on the model. Hooks a stabilizer does not override cost 0, as in the trainer."""
     from .stabilizers import LossInputs
     from .train_module import apply_after_step
 
     stab, model, dev = s.stab, s.model, s.device
-    has = {h: type(stab).has_hook(h) for h in ("transform_logits", "loss_term", "after_step")}
+    has = {h: type(stab).has_hook(h) for h in ("transform_logits", "token_loss", "loss_term", "after_step")}
     if not any(has.values()):
         return 0.0
     B, T = y.shape
@@ -172,6 +268,8 @@ def hook_time(s, y: torch.Tensor, reps: int = 20) -> float:
         if has["transform_logits"]:
             out = stab.transform_logits(logits)
             out.backward(g)
+        if has["token_loss"]:
+            stab.token_loss(lse).mean().backward()
         if has["loss_term"]:
             reg = stab.loss_term(LossInputs(out.detach().requires_grad_(), lse, hidden, E))
             if reg is not None:
@@ -251,7 +349,8 @@ def machine() -> dict[str, Any]:
 
 def run_perf(presets: list[str], *, quick: bool, device: str, precision: str, threads: int | None,
              batch_size: int, seq_len: int, vocab_size: int | None, compile_: bool,
-             sections: set[str], overhead_presets: list[str] | None = None, log=print) -> dict[str, Any]:
+             sections: set[str], overhead_presets: list[str] | None = None, head_chunk: int | None = None,
+             log=print) -> dict[str, Any]:
     from .data import load_data
 
     knobs = QUICK if quick else FULL
@@ -262,7 +361,8 @@ def run_perf(presets: list[str], *, quick: bool, device: str, precision: str, th
     V = vocab_size or (50304 if dev.type == "cuda" else 8192)
     base = from_dict(dict(model=presets[0], vocab_size=V, batch_size=batch_size, seq_len=seq_len, device=dev.type,
                           precision=precision, threads=threads, compile=compile_, warmup=10, lr=3e-3,
-                          data="synthetic:tokens=200000")).check()
+                          data="synthetic:tokens=200000",
+                          **({} if head_chunk is None else {"head_chunk": head_chunk}))).check()
     runtime.set_threads(threads)
     data = load_data(base.data, V)
     prec = resolve_precision(base.precision, dev)
@@ -277,12 +377,20 @@ def run_perf(presets: list[str], *, quick: bool, device: str, precision: str, th
     result: dict[str, Any] = {
         "created_at": provenance.utc_now(), "machine": machine(), "versions": provenance.versions(),
         "settings": {"device": dev.type, "precision": prec, "threads": torch.get_num_threads(), "quick": quick,
-                     "batch_size": batch_size, "seq_len": seq_len, "vocab_size": V, "compile": compile_, **knobs},
-        "peak": peaks, "presets": [], "overhead": [], "layouts": [], "packed": []}
+                     "batch_size": batch_size, "seq_len": seq_len, "vocab_size": V, "compile": compile_, "head_chunk": base.head_chunk, **knobs},
+        "peak": peaks, "presets": [], "overhead": [], "layouts": [], "packed": [], "head": None}
     for name in presets:
         log(f"timing preset {name}…")
         row = preset_row(base.replace(model=name), data, knobs["steps"], knobs["warmup_steps"], peak["flops"])
         result["presets"].append(row)
+    if "head" in sections:
+        from .presets import preset as model_preset
+        name, vocab = HEAD_PRESET
+        width = model_preset(name).n_embd
+        log(f"measuring the loss head alone at {name} (H = {width}), V = {vocab}, {knobs['head_tokens']} tokens…")
+        from .config import DEFAULT_HEAD_CHUNK
+        chunk = base.head_chunk or DEFAULT_HEAD_CHUNK
+        result["head"] = {"preset": name, **head_memory(knobs["head_tokens"], width, vocab, chunk, dev)}
     if "overhead" in sections:
         result["settings"]["overhead_presets"] = overhead_presets or presets[:1]
         for name in result["settings"]["overhead_presets"]:
@@ -323,6 +431,19 @@ def format_table(result: dict[str, Any]) -> str:
         out.append(f"{r['preset']:8} {r['n_params']:>10,} {r['precision']:>5} {r['step_time_s'] * 1e3:>8.1f} "
                    f"{r['step_time_p10_s'] * 1e3:>6.1f}-{r['step_time_p90_s'] * 1e3:<6.1f} {r['tokens_per_s']:>10.0f} "
                    f"{r['achieved_flops'] / 1e9:>8.1f} {r['mfu']:>6.1%}")
+    out += ["", f"{'preset':8} {'head_chunk':>10} {'unchunked ms':>13} {'speedup':>8} {'peak MiB':>9} "
+                f"{'unchunked MiB':>14} {'estimate MiB':>13} {'compile s':>10}"]
+    for r in result["presets"]:
+        mem = lambda b: f"{b / 2**20:,.0f}" if b is not None else "n/a"  # noqa: E731
+        comp = f"{r['compile_s']:.1f}" if r.get("compile_s") is not None else "-"
+        out.append(f"{r['preset']:8} {r['head_chunk']:>10} {r['step_time_unchunked_s'] * 1e3:>13.1f} "
+                   f"{r['unchunked_over_chunked']:>7.2f}x {mem(r['peak_memory_bytes']):>9} "
+                   f"{mem(r['peak_memory_unchunked_bytes']):>14} {mem(r['estimated_memory_bytes']):>13} {comp:>10}")
+    if result.get("head"):
+        h = result["head"]
+        out += ["", f"loss head alone ({h['preset']}, H = {h['width']}, V = {h['vocab_size']}, {h['tokens']} tokens): "
+                    f"unchunked {h['unchunked_s'] * 1e3:.0f} ms, {(h['unchunked_peak_bytes'] or 0) / 2**20:,.0f} MiB; "
+                    f"chunks of {h['chunk']}: {h['chunked_s'] * 1e3:.0f} ms, {(h['chunked_peak_bytes'] or 0) / 2**20:,.0f} MiB"]
     if result["overhead"]:
         out += ["", f"{'preset':8} {'stabilizer':14} {'step ms':>8} {'overhead':>9} {'hooks alone':>12}"]
         out += [f"{r.get('preset', ''):8} {r['stabilizer']:14} {r['step_time_s'] * 1e3:>8.2f} {r['overhead']:>+9.1%}"
@@ -355,6 +476,25 @@ def format_markdown(result: dict[str, Any]) -> str:
     out += [f"| `{r['preset']}` | {r['n_params']:,} | {r['step_time_s'] * 1e3:.1f} | "
             f"{r['step_time_p10_s'] * 1e3:.1f}–{r['step_time_p90_s'] * 1e3:.1f} | {r['tokens_per_s']:.0f} | "
             f"{r['achieved_flops'] / 1e9:.1f} | {r['mfu']:.0%} |" for r in result["presets"]]
+    mib = lambda b: f"{b / 2**20:,.0f}" if b is not None else "n/a"  # noqa: E731
+    out += ["", "The loss head in chunks of `head_chunk` tokens against the unchunked head (`head_chunk = 0`, the "
+                "path before it), interleaved in one process; peak memory of one training step above what the "
+                "process held before it (CPU: peak resident set; CUDA: `max_memory_allocated`) and by "
+                "`bench.memory.estimate_step_bytes`:", "",
+            "| preset | head_chunk | step (ms) | unchunked step (ms) | unchunked / chunked | peak MiB | "
+            "unchunked peak MiB | estimate MiB | unchunked estimate MiB | compile (s) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    out += [f"| `{r['preset']}` | {r['head_chunk']} | {r['step_time_s'] * 1e3:.1f} | {r['step_time_unchunked_s'] * 1e3:.1f} | "
+            f"{r['unchunked_over_chunked']:.2f}× | {mib(r['peak_memory_bytes'])} | {mib(r['peak_memory_unchunked_bytes'])} | "
+            f"{mib(r['estimated_memory_bytes'])} | {mib(r['estimated_memory_unchunked_bytes'])} | "
+            f"{'%.1f' % r['compile_s'] if r.get('compile_s') is not None else '–'} |" for r in result["presets"]]
+    if result.get("head"):
+        h = result["head"]
+        out += ["", f"The loss head alone at `{h['preset']}` (H = {h['width']}), V = {h['vocab_size']}, "
+                    f"{h['tokens']:,} tokens, forward + backward: unchunked {h['unchunked_s'] * 1e3:.0f} ms and "
+                    f"{mib(h['unchunked_peak_bytes'])} MiB; in chunks of {h['chunk']}: {h['chunked_s'] * 1e3:.0f} ms "
+                    f"and {mib(h['chunked_peak_bytes'])} MiB (memory ratio {h.get('memory_ratio', float('nan')):.3f}, "
+                    f"time ratio {h['time_ratio']:.2f})."]
     if result["overhead"]:
         over = [p for p in st.get("overhead_presets", []) if any(r.get("preset") == p for r in result["overhead"])]
         over = over or [""]

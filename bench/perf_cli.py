@@ -29,7 +29,10 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-size", type=int, default=None, metavar="TOKENS",
                    help="vocabulary size in tokens (default: 8192 on CPU, 50304 on CUDA)")
     p.add_argument("--compile", action="store_true", help="time torch.compile'd models (default: eager)")
-    p.add_argument("--skip", action="append", default=[], choices=["overhead", "layouts", "packed"],
+    p.add_argument("--head-chunk", type=int, default=None, metavar="TOKENS",
+                   help="tokens per chunk of the loss head; 0 = unchunked (default: the run default, "
+                        "bench.config.DEFAULT_HEAD_CHUNK)")
+    p.add_argument("--skip", action="append", default=[], choices=["overhead", "layouts", "packed", "head"],
                    help="skip a section, repeatable; one of %(choices)s (default: run all)")
     p.add_argument("--overhead-preset", action="append", default=None, choices=list(PRESETS), metavar="PRESET",
                    help="preset for the stabilizer overhead, repeatable; one of %(choices)s (default: micro on CPU, 16M on CUDA, "
@@ -48,7 +51,7 @@ def main(name: str, args: argparse.Namespace) -> int:
     bad = [p for p in presets if p not in PRESETS]
     if bad:
         raise UsageError(f"unknown preset {bad[0]!r}; allowed: {', '.join(PRESETS)}")
-    sections = {"overhead", "layouts", "packed"} - set(args.skip)
+    sections = {"overhead", "layouts", "packed", "head"} - set(args.skip)
     over = args.overhead_preset or list(dict.fromkeys(
         [next((p for p in ("micro", "16M") if p in presets), presets[0]), max(presets, key=list(PRESETS).index)]))
     bad = [p for p in over if p not in PRESETS]
@@ -57,6 +60,7 @@ def main(name: str, args: argparse.Namespace) -> int:
     result = run_perf(presets, quick=args.quick, device=args.device, precision=args.precision,
                       threads=args.threads, batch_size=args.batch_size, seq_len=args.seq_len,
                       vocab_size=args.vocab_size, compile_=args.compile, sections=sections, overhead_presets=over,
+                      head_chunk=args.head_chunk,
                       log=lambda m: print(m, file=sys.stderr, flush=True))
     print(format_table(result))
     if args.json:

@@ -15,16 +15,17 @@ documented.
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
 from . import runtime
 from .config import RunConfig
+from .head import chunked_head, logit_stats
 from .model import GPT
 from .precision import param_dtype, precision_context, resolve_precision
 from .stabilizers import LossInputs, Stabilizer, make_stabilizer
-from .stabilizers.apply import apply_after_step as apply_hook, hooked_cross_entropy, label
+from .stabilizers.apply import apply_after_step as apply_hook, check_tensor, hooked_cross_entropy, label
 
 
 def resolve_device(cfg: RunConfig) -> torch.device:
@@ -63,24 +64,62 @@ class TrainModule(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def stabilized_loss(model: GPT, stab: Stabilizer, x: torch.Tensor, y: torch.Tensor, autocast
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cross-entropy and regularization of one batch.
+class Loss(NamedTuple):
+    """One batch's loss (``stabilized_loss``). total = ce + reg is what backward runs on.
 
-    Returns (ce, reg, logits (B,T,V) float32 after the transform, lse (B,T), hidden (B,T,H)).
-    The logsumexp is computed once and shared by the cross-entropy and any loss term (z-loss).
+    total: differentiable scalar; ce, reg: detached scalars (mean cross-entropy, regularization);
+    lse: (B, T) detached log Z; hidden: (B, T, H) final hidden states; stats: float64 (3,)
+    [Σ logits, Σ logits², max |logit|] over the B·T·V transformed logits (zeros unless asked).
     """
-    with autocast:
-        logits, hidden = model(x)
+
+    total: torch.Tensor
+    ce: torch.Tensor
+    reg: torch.Tensor
+    lse: torch.Tensor
+    hidden: torch.Tensor
+    stats: torch.Tensor
+
+
+def uses_chunked_head(stab: Stabilizer, chunk: int) -> bool:
+    """Whether a run with ``head_chunk = chunk`` computes ``stab``'s loss in chunks (``bench.head``)."""
+    return chunk > 0 and type(stab).chunkable()
+
+
+def stabilized_loss(model: GPT, stab: Stabilizer, x: torch.Tensor, y: torch.Tensor, autocast, *,
+                    precision: str = "fp32", chunk: int = 0, stats: bool = False, features=None) -> Loss:
+    """Cross-entropy and regularization of one batch x, y (B, T).
+
+    model: a GPT or its compiled wrapper; precision: the resolved precision ``autocast`` applies;
+    chunk: tokens per chunk of the loss head, 0 = the full (B, T, V) logits (also taken when the
+    stabilizer's ``loss_term`` reads logits or log Z); features: the forward to the hidden states
+    (default ``model.features``; a compiled one for compiled runs). The log Z is computed once and
+    shared by the cross-entropy, ``token_loss`` and any ``loss_term``.
+    """
     cls = type(stab)
     term = (lambda lt, lse, h, E: stab.loss_term(LossInputs(lt, lse, h, E))) if cls.has_hook("loss_term") else None
-    ce_tok, lse, reg, logits = hooked_cross_entropy(
-        logits, y, hidden, model.output_embedding,
-        stab.transform_logits if cls.has_hook("transform_logits") else None, term, label(cls))
+    transform = stab.transform_logits if cls.has_hook("transform_logits") else None
+    tok = stab.token_loss if cls.has_hook("token_loss") else None
+    E = model.output_embedding
+    if uses_chunked_head(stab, chunk):
+        with autocast:
+            hidden = (features or model.features)(x)
+        total, ce, pen, lse, st = chunked_head(hidden, E, y, chunk=chunk, transform=transform, token_loss=tok,
+                                               precision=precision, stats=stats)
+        reg = pen
+        if term is not None:
+            extra = term(None, None, hidden, E)
+            if extra is not None:
+                check_tensor(label(cls), "loss_term", "a scalar loss", extra, ())
+                total, reg = total + extra, reg + extra.detach()
+        return Loss(total, ce, reg, lse, hidden, st)
+    with autocast:
+        logits, hidden = model(x)
+    ce_tok, lse, reg, logits = hooked_cross_entropy(logits, y, hidden, E, transform, term, label(cls), tok)
     ce = ce_tok.mean()
     if reg is None:
         reg = torch.zeros((), device=ce.device)
-    return ce, reg, logits, lse, hidden
+    st = logit_stats(logits) if stats else torch.zeros(3, dtype=torch.float64, device=ce.device)
+    return Loss(ce + reg, ce.detach(), reg.detach(), lse.detach(), hidden, st)
 
 
 def apply_after_step(model: GPT, stab: Stabilizer) -> None:
@@ -113,6 +152,8 @@ class SingleModule:
                                      lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                      fused=cuda, foreach=None if cuda else True)
         self.fwd = torch.compile(self.model) if cfg.compile else self.model
+        self.chunk = cfg.head_chunk
+        self.features = torch.compile(self.model.features) if cfg.compile else None
         self.n_micro = cfg.batch_size // (cfg.micro_batch_size or cfg.batch_size)
 
     def train_batch(self, x, y, lrs, stats):
@@ -122,22 +163,25 @@ class SingleModule:
         ce_acc = reg_acc = 0.0
         for i in range(n):
             sl = slice(i * mb, (i + 1) * mb)
-            ce, reg, logits, lse, _ = stabilized_loss(self.fwd, self.stab, x[sl], y[sl], self.autocast)
-            ((ce + reg) / n).backward()
-            ce_acc, reg_acc = ce_acc + ce.detach() / n, reg_acc + reg.detach() / n
+            out = stabilized_loss(self.fwd, self.stab, x[sl], y[sl], self.autocast, precision=self.precision,
+                                  chunk=self.chunk, stats=stats and i == n - 1, features=self.features)
+            (out.total / n).backward()
+            ce_acc, reg_acc = ce_acc + out.ce / n, reg_acc + out.reg / n
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if type(self.stab).has_hook("after_step"):
             apply_after_step(self.model, self.stab)
-        losses = torch.stack([ce_acc, reg_acc, grad_norm.float()]).unsqueeze(1)
+        losses = torch.stack([ce_acc.float(), reg_acc.float(), grad_norm.float()]).unsqueeze(1)
         if not stats:
             return losses, None
         with torch.no_grad():
-            lt = logits.detach()
-            mu = self.model.output_embedding.float().mean(0).norm()
-            row = torch.stack([lt.mean(), lt.abs().max(), lse.detach().square().mean(), mu.to(lt.dtype)])
+            n_logits = out.lse.numel() * self.model.cfg.vocab_size
+            dt = torch.promote_types(self.model.output_embedding.dtype, torch.float32)  # as the logits
+            mu = self.model.output_embedding.float().mean(0).norm().to(dt)
+            row = torch.stack([(out.stats[0] / n_logits).to(dt), out.stats[2].to(dt),
+                               out.lse.to(dt).square().mean(), mu])
         return losses, row.unsqueeze(0)
 
     def member(self, row):

@@ -35,6 +35,7 @@ from .config import RunConfig
 from .data import TokenData, load_data
 from .divergence import DivergenceMonitor
 from .model import GPT
+from . import head
 from .precision import ExactFP32
 from .stabilizers import Stabilizer, make_stabilizer
 from .tracking import Tracker
@@ -70,24 +71,24 @@ def _micro(batches, micro_batch: int | None):
 
 @torch.no_grad()
 def evaluate(model: GPT, stab: Stabilizer, batches, device: torch.device, autocast,
-             micro_batch: int | None = None) -> dict[str, Any]:
+             micro_batch: int | None = None, *, precision: str = "fp32", chunk: int = 0) -> dict[str, Any]:
     """Validation cross-entropy and logit statistics over fixed batches (no regularization),
-    ``micro_batch`` sequences per forward pass (the run's ``micro_batch_size``: one micro-batch's
-    logits are the evaluation's peak memory, as in training)."""
+    ``micro_batch`` sequences per forward pass (the run's ``micro_batch_size``), the loss head in
+    chunks of ``chunk`` tokens as in training (0: one micro-batch's full logits, the peak memory);
+    ``precision`` is the resolved precision ``autocast`` applies."""
     n = ce_sum = log2z_sum = s1 = s2 = 0.0
-    absmax = torch.zeros((), device=device)
+    absmax = torch.zeros((), dtype=torch.float64, device=device)
     h_sum = None
     for x, y in _micro(batches, micro_batch):
         x, y = x.to(device), y.to(device)
-        ce, _, logits, lse, hidden = stabilized_loss(model, stab, x, y, autocast)
+        out = stabilized_loss(model, stab, x, y, autocast, precision=precision, chunk=chunk, stats=True)
         tokens = y.numel()
         n += tokens
-        ce_sum += ce * tokens
-        log2z_sum += lse.square().sum()
-        s1 += logits.sum(dtype=torch.float64)
-        s2 += logits.square().sum(dtype=torch.float64)
-        absmax = torch.maximum(absmax, logits.abs().max())
-        hs = hidden.float().sum(dim=(0, 1))
+        ce_sum += out.ce * tokens
+        log2z_sum += out.lse.float().square().sum()
+        s1, s2 = s1 + out.stats[0], s2 + out.stats[1]
+        absmax = torch.maximum(absmax, out.stats[2])
+        hs = out.hidden.float().sum(dim=(0, 1))
         h_sum = hs if h_sum is None else h_sum + hs
     count = n * model.cfg.vocab_size
     mean = float(s1) / count
@@ -102,14 +103,15 @@ FP32_EXACT = ("fp32", "fp64")
 
 
 def evaluate_both(fwd, stab: Stabilizer, batches, device: torch.device, autocast, precision: str,
-                  micro_batch: int | None = None) -> tuple[dict[str, Any], float]:
+                  micro_batch: int | None = None, chunk: int = 0) -> tuple[dict[str, Any], float]:
     """``evaluate`` in the run's precision, and the validation loss of the same weights and batches
     in fp32 (no autocast, no bf16 emulation, no TF32; fp64 runs stay fp64). For fp32 / fp64 runs the two
     are one evaluation (equal by construction)."""
-    ev = evaluate(fwd, stab, batches, device, autocast, micro_batch)
+    ev = evaluate(fwd, stab, batches, device, autocast, micro_batch, precision=precision, chunk=chunk)
     if precision in FP32_EXACT:
         return ev, ev["val_loss"]
-    return ev, evaluate(fwd, stab, batches, device, ExactFP32(device), micro_batch)["val_loss"]
+    return ev, evaluate(fwd, stab, batches, device, ExactFP32(device), micro_batch, precision="fp32",
+                        chunk=chunk)["val_loss"]
 
 
 @torch.no_grad()
@@ -125,12 +127,21 @@ def embedding_stats(model: GPT, hidden_mean: torch.Tensor | None = None) -> dict
 
 
 @torch.no_grad()
-def precision_error(model: GPT, x: torch.Tensor, autocast) -> float:
-    """max |logits in the run's precision − logits in fp32| on batch x."""
-    ref, _ = model(x)
+def precision_error(model: GPT, x: torch.Tensor, autocast, precision: str = "fp32", chunk: int = 0) -> float:
+    """max |logits in the run's precision − logits in fp32| on batch x, (B, T); the logits are formed
+    ``chunk`` tokens at a time (0: all at once), so this check never needs more than the head does."""
+    ref_h = model.features(x)
     with autocast:
-        run, _ = model(x)
-    return float((run.float() - ref.float()).abs().max())
+        run_h = model.features(x)
+    E = model.output_embedding
+    ref_h, run_h = ref_h.reshape(-1, ref_h.shape[-1]), run_h.reshape(-1, run_h.shape[-1])
+    step = chunk or ref_h.shape[0]
+    worst = torch.zeros((), dtype=torch.float64, device=x.device)
+    for i in range(0, ref_h.shape[0], step):
+        ref = head.logits(ref_h[i:i + step], E, "fp32")
+        run = head.logits(run_h[i:i + step], E, precision)
+        worst = torch.maximum(worst, (run.double() - ref.double()).abs().max())
+    return float(worst)
 
 
 def curve_row(cfg: RunConfig, step: int, lr: float, train_loss: float, reg_loss: float, grad_norm: float,
@@ -151,7 +162,8 @@ def build_run_record(cfg: RunConfig, model: GPT, fwd, stab: Stabilizer, val, dev
     validation batches (``final_eval_batches`` of them); best_val: lowest validation loss so far (the
     final evaluation is taken into account here); events: ``DivergenceMonitor.events_text()``.
     """
-    final, final_fp32 = evaluate_both(fwd, stab, val, device, autocast, precision, cfg.micro_batch_size)
+    final, final_fp32 = evaluate_both(fwd, stab, val, device, autocast, precision, cfg.micro_batch_size,
+                                      cfg.head_chunk)
     emb = embedding_stats(model, final["hidden_mean"])
     if math.isfinite(final["val_loss"]):
         best_val = min(best_val, final["val_loss"])
@@ -173,7 +185,7 @@ def build_run_record(cfg: RunConfig, model: GPT, fwd, stab: Stabilizer, val, dev
         "logit_absmax": final["logit_absmax"], "mean_log2z": final["mean_log2z"],
         **{k: emb[k] for k in ("mu_norm", "isotropy", "mu_hidden_cos")},
         "logit_precision_error": precision_error(model, val[0][0][:cfg.micro_batch_size or None].to(device),
-                                                 autocast),
+                                                 autocast, precision, cfg.head_chunk),
         "wall_time_s": elapsed, "step_time_s": step_time,
         "tokens_per_s": cfg.batch_size * cfg.seq_len / step_time if step_time > 0 else float("nan"),
         "device": provenance.device_name(device), "threads": torch.get_num_threads(),
@@ -396,7 +408,7 @@ def train_members(cfgs: list[RunConfig], *, data: TokenData | None = None, check
             if is_eval or m.diverged_step is not None:
                 model, fwd, stab = module.member(row)
                 ev, crow["val_loss_fp32"] = evaluate_both(fwd, stab, val, device, module.autocast, module.precision,
-                                                          m.cfg.micro_batch_size)
+                                                          m.cfg.micro_batch_size, m.cfg.head_chunk)
                 crow["val_loss"] = ev["val_loss"]
                 if math.isfinite(ev["val_loss"]):
                     m.best_val = min(m.best_val, ev["val_loss"])

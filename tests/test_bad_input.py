@@ -204,8 +204,9 @@ def test_a_step_that_cannot_fit_in_memory_is_refused(capsys, tmp_path, flags, ke
 
 
 def test_estimate_step_bytes_by_hand():
-    from bench.memory import estimate_step_bytes
-    cfg = RunConfig(model="nano", vocab_size=256, seq_len=16, batch_size=4, micro_batch_size=2, precision="fp32")
+    from bench.memory import estimate_eval_bytes, estimate_step_bytes
+    cfg = RunConfig(model="nano", vocab_size=256, seq_len=16, batch_size=4, micro_batch_size=2, precision="fp32",
+                    head_chunk=0)
     L, H, n_head, V = 1, 32, 4, 256
     F = 256 * math.ceil((8 * H // 3) / 256)  # 256: the study's SwiGLU width
     P = 2 * V * H + L * (3 * H * H + H * H + 2 * (H // n_head) + 3 * H * F + 2 * H) + H
@@ -214,6 +215,15 @@ def test_estimate_step_bytes_by_hand():
     assert estimate_step_bytes(cfg) == want == 4 * 45_168 * 4 + 32 * 1600 * 4 + 98_304
     assert estimate_step_bytes(cfg.replace(precision="fp64")) == 2 * 4 * P * 4 + 2 * N * (16 * H + 4 * F + 2 * H) * 4 \
         + 3 * N * V * 4
+    # the chunked head: 4 (chunk × V) fp32 buffers and the (V × H), (N × H) gradients, whatever N is
+    chunked = cfg.replace(head_chunk=8)
+    assert estimate_step_bytes(chunked) == want - 3 * N * V * 4 + 4 * 8 * V * 4 + (V + N) * H * 4
+    assert estimate_step_bytes(cfg.replace(head_chunk=1000)) == want - 3 * N * V * 4 + 4 * N * V * 4 + (V + N) * H * 4
+    # a stabilizer whose loss_term reads the logits keeps the unchunked head, and its memory
+    assert estimate_step_bytes(chunked.replace(stabilizer=str(Path(__file__).parent / "plugins" / "my_stabilizers.py") + ":LogitL2")) == want
+    # one evaluation pass: the weights, one layer's activations, two logits-sized buffers
+    assert estimate_eval_bytes(cfg) == P * 4 + N * (16 * H + 4 * F) * 4 + 2 * N * V * 4
+    assert estimate_eval_bytes(chunked) == P * 4 + N * (16 * H + 4 * F) * 4 + 2 * 8 * V * 4
 
 
 # -- cause 10: plug-in stabilizers ----------------------------------------------------------------------
@@ -343,3 +353,23 @@ def test_sweep_json_is_written_only_after_everything_was_checked(capsys, tmp_pat
     refused(capsys, ["sweep", path, "--out", out, "--workers", "1", "--storage", tmp_path / "a-directory"], "storage")
     assert (out / "sweep.json").read_text() == '{"name": "an earlier sweep"}\n'
     assert not (out / "sweep.toml").exists()
+
+
+def test_a_step_too_large_for_the_machine_names_the_micro_batch_that_fits():
+    from bench.memory import estimate_step_bytes, fit_micro_batch
+    cfg = RunConfig(model="micro", vocab_size=8192, seq_len=64, batch_size=64, head_chunk=0)
+    one = estimate_step_bytes(cfg.replace(micro_batch_size=8))
+    assert fit_micro_batch(cfg, one) == 8  # the largest divisor of 64 whose step fits
+    assert fit_micro_batch(cfg, one - 1) == 4
+    assert fit_micro_batch(cfg, 1000) is None
+
+
+def test_the_auto_pack_size_is_capped_by_memory():
+    from bench.memory import estimate_step_bytes
+    from bench.pack import auto_pack_size
+    from bench.pack.grouping import AUTO_K_CPU, PACK_MEMORY_FRACTION
+    cfg = RunConfig(model="micro", device="cpu")
+    per = estimate_step_bytes(cfg)
+    assert auto_pack_size(cfg, device_bytes=10**15) == AUTO_K_CPU
+    assert auto_pack_size(cfg, device_bytes=int(3 * per / PACK_MEMORY_FRACTION) + 1) == 3
+    assert auto_pack_size(cfg, device_bytes=1) == 1

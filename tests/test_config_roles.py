@@ -22,7 +22,7 @@ KEY_V2 = ["model", "arch_version", "stabilizer", "hparams", "weight_tying", "lr"
           "seq_len", "vocab_size", "data", "seed", "data_seed", "beta1", "beta2", "eps", "weight_decay",
           "grad_clip", "precision", "eval_every", "eval_batches", "divergence"]
 """Key version 2: version 1's fields and arch_version (issue 14), which changed every key once."""
-EXECUTION_FIELDS = ("sweep", "log_every", "micro_batch_size", "device", "compile", "threads", "log")
+EXECUTION_FIELDS = ("sweep", "log_every", "micro_batch_size", "device", "compile", "head_chunk", "threads", "log")
 SPEC_AXES = {
     "model": "[grid] as models = [...]",
     "lr": "[grid] as lr = [...]",
@@ -34,7 +34,7 @@ SPEC_AXES = {
 }
 SPEC_TRAIN_KEYS = ["arch_version", "min_lr", "warmup", "steps", "batch_size", "seq_len", "vocab_size", "data", "data_seed",
                    "beta1", "beta2", "eps", "weight_decay", "grad_clip", "precision", "eval_every",
-                   "eval_batches", "final_eval_batches", "divergence", "tf32", "log_every", "micro_batch_size", "device", "compile", "threads", "log"]
+                   "eval_batches", "final_eval_batches", "divergence", "tf32", "log_every", "micro_batch_size", "device", "compile", "head_chunk", "threads", "log"]
 SPEC_SHARED_FIELDS = (
     "model", "vocab_size", "seq_len", "weight_tying",
     "data", "batch_size", "steps", "warmup",

@@ -24,6 +24,18 @@ def test_perf_quick_writes_consistent_json(tmp_path):
     assert math.isclose(row["achieved_flops"], row["flops_per_token"] * row["tokens_per_s"], rel_tol=1e-9)
     assert math.isclose(row["mfu"], row["achieved_flops"] / peak["flops"], rel_tol=1e-9)
     assert 0 < row["mfu"] < 1.5  # a ratio against the measured peak, not an absolute guess
+    # the chunked head against the unchunked one (head_chunk = 0, the path before it), and memory
+    assert row["head_chunk"] == res["settings"]["head_chunk"] > 0
+    assert row["step_time_unchunked_s"] > 0 and row["unchunked_over_chunked"] > 0
+    assert row["peak_memory_bytes"] > 0 and row["peak_memory_unchunked_bytes"] > 0
+    assert row["estimated_memory_bytes"] < row["estimated_memory_unchunked_bytes"] or \
+        row["tokens_per_step"] <= row["head_chunk"]
+    assert row["first_step_s"] > 0 and row["compile_s"] is None  # not compiled
+    head = res["head"]
+    assert head["preset"] == "16M" and head["vocab_size"] == 50304 and head["tokens"] == 512
+    assert head["chunked_peak_bytes"] > 0 and head["unchunked_peak_bytes"] > 0 and head["chunked_s"] > 0
+    assert math.isclose(head["memory_ratio"], head["chunked_peak_bytes"] / head["unchunked_peak_bytes"])
+    assert "unchunked" in r.stdout and "loss head alone" in r.stdout
     assert res["settings"]["overhead_presets"] == ["nano", "micro"]
     for preset in ("nano", "micro"):  # each preset's overheads are relative to its own baseline
         rows = [o for o in res["overhead"] if o["preset"] == preset]

@@ -1,4 +1,4 @@
-"""``stabench figures``, ``report``, ``leaderboard``, ``claims`` and ``compare``."""
+"""``stabench figures``, ``report``, ``leaderboard``, ``claims``, ``compare``, ``precision-tax`` and ``regime``."""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +27,17 @@ def configure(name: str, parser: argparse.ArgumentParser) -> None:
                             help="folder for compare.png (default: the folders' common parent, e.g. results/)")
         parser.add_argument("--markdown", metavar="FILE", help="also write the Markdown table to FILE "
                                                               "(default: stdout only)")
+        return
+    if name == "regime":
+        parser.add_argument("dirs", nargs="+", metavar="DIR",
+                            help="results directories of the regime search (results/cpu-regime-*), pooled")
+        parser.add_argument("--figures", metavar="DIR",
+                            help="folder for regime.png and regime.md (default: the folders' common parent's "
+                                 "regime/, e.g. results/regime)")
+        parser.add_argument("--markdown", metavar="FILE", help="write the Markdown to FILE instead (default: "
+                                                              "regime.md in the --figures folder)")
+        parser.add_argument("--compare", metavar="CSV", help="the study's diagnostics CSV (oec_paper_diagnostics.csv)"
+                                                             ": its untied baselines drawn and listed (default: none)")
         return
     parser.add_argument("results_dir", metavar="DIR", help="results directory (results/<sweep name>)")
     if name == "precision-tax":
@@ -224,10 +235,39 @@ def _precision_tax(args: argparse.Namespace) -> int:
     return 0
 
 
+def _regime(args: argparse.Namespace) -> int:
+    import os
+
+    import pandas as pd
+
+    from bench.errors import UsageError
+
+    from . import regime
+    from .figures import save_figure
+
+    results = [_load(d, args) for d in args.dirs]
+    published = _published(args.compare)
+    try:
+        study = regime.study_baselines(published) if published is not None else None
+    except ValueError as e:
+        raise UsageError(f"--compare: {e}") from None
+    runs = pd.concat([r.runs for r in results], ignore_index=True)
+    curves = pd.concat([r.curves for r in results if len(r.curves)], ignore_index=True) \
+        if any(len(r.curves) for r in results) else pd.DataFrame(columns=["run_id", "step"])
+    table = regime.regime_table(runs, curves)
+    out = Path(args.figures) if args.figures else Path(os.path.commonpath([Path(d).resolve().parent
+                                                                             for d in args.dirs])) / "regime"
+    written = save_figure(regime.figure(table, curves, study), out, "regime", formats=("png",))
+    _emit(regime.markdown(table, study), args.markdown or str(out / "regime.md"))
+    for p in written:
+        print(f"wrote {p}")
+    return 0
+
+
 def main(name: str, args: argparse.Namespace) -> int:
     """Run subcommand ``name``; bad input raises ``bench.errors.UsageError`` (one line, exit 2)."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless: never open a window
     return {"figures": _figures, "report": _report, "leaderboard": _leaderboard, "claims": _claims,
-            "compare": _compare, "precision-tax": _precision_tax}[name](args)
+            "compare": _compare, "precision-tax": _precision_tax, "regime": _regime}[name](args)

@@ -29,8 +29,30 @@ def pack_key(cfg: RunConfig) -> tuple[Hashable, ...]:
     return tuple(getattr(cfg, f) for f in SHARED_FIELDS) + (cfg.resolved_data_seed,)
 
 
-def auto_pack_size(cfg: RunConfig) -> int:
-    return AUTO_K_CUDA if cfg.device == "cuda" else AUTO_K_CPU
+PACK_MEMORY_FRACTION = 0.8
+"""Share of the device's memory a pack may plan to use (the rest: allocator slack, CUDA context)."""
+
+
+def auto_pack_size(cfg: RunConfig, device_bytes: int | None = None) -> int:
+    """K for ``pack = "auto"``: AUTO_K_CUDA (CUDA) or AUTO_K_CPU, capped by memory: at most as many
+    members as fit ``PACK_MEMORY_FRACTION`` of the device's memory (``device_bytes``, default this
+    machine's, ``bench.memory.machine_bytes``) at ``estimate_step_bytes`` each — every member has its
+    own weights, AdamW state and activations; the head's logits are counted once per member too,
+    a bound above what the member-chunked head holds. At least 1."""
+    from ..memory import estimate_step_bytes, machine_bytes
+
+    cap = AUTO_K_CUDA if cfg.device == "cuda" else AUTO_K_CPU
+    if device_bytes is None:
+        have = machine_bytes(cfg.device) if cfg.device != "cuda" or _cuda() else None
+        device_bytes = have[0] if have else None
+    if device_bytes is None:  # the device is not here (a login node): the cap alone
+        return cap
+    return max(1, min(cap, int(PACK_MEMORY_FRACTION * device_bytes // max(estimate_step_bytes(cfg), 1))))
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
 
 
 def group_into_packs(cfgs: list[RunConfig], k: int | str = "auto") -> list[list[RunConfig]]:

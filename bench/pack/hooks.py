@@ -75,7 +75,10 @@ class PackedStabilizer:
         """
         n = logits.shape[0]
         varying = tuple(t[rows] for t in self.tensors)
-        transform = term = None
+        transform = term = tok = None
+        if self.cls.has_hook("token_loss"):
+            vmapped_tok = torch.vmap(lambda ls, v: self._member(v).token_loss(ls))
+            tok = self._checked("token_loss", lambda lse: vmapped_tok(lse, varying))
         if self.cls.has_hook("transform_logits"):
             vmapped = torch.vmap(lambda lg, v: self._member(v).transform_logits(lg))
             transform = self._checked("transform_logits", lambda lt: vmapped(lt, varying))
@@ -87,7 +90,7 @@ class PackedStabilizer:
             vmapped_term = torch.vmap(one)
             term = self._checked("loss_term", lambda lt, lse, h, E: vmapped_term(lt, lse, h, E, varying))
         ce_tok, lse, reg, lt = hooked_cross_entropy(logits, y.expand(n, *y.shape), hidden, output_embedding,
-                                                    transform, term, label(self.cls))
+                                                    transform, term, label(self.cls), tok)
         ce = ce_tok.mean(dim=tuple(range(1, ce_tok.dim())))
         if reg is None:
             reg = torch.zeros(n, device=ce.device)

@@ -21,12 +21,14 @@ from .batched_model import _linear, packed_features
 from .hooks import PackedStabilizer
 from .store import FlatParams
 
-HEAD_BYTES = 16 << 20  # logits per head chunk: about half the L3 cache of the 2-core machine
+HEAD_BYTES = 16 << 20  # logits per head chunk on CPU: about half the L3 cache of the 2-core machine
+HEAD_BYTES_CUDA = 2 << 30  # on CUDA: large enough for full-size GEMMs, small beside 80 GB
 
 
-def head_chunk(n_members: int, tokens: int, vocab: int, itemsize: int = 4) -> int:
-    """Members per head chunk: as many as fit HEAD_BYTES of logits, at least 1."""
-    return max(1, min(n_members, HEAD_BYTES // max(tokens * vocab * itemsize, 1)))
+def head_chunk(n_members: int, tokens: int, vocab: int, itemsize: int = 4, cuda: bool = False) -> int:
+    """Members per head chunk: as many as fit HEAD_BYTES (HEAD_BYTES_CUDA on CUDA) of logits, at least 1."""
+    budget = HEAD_BYTES_CUDA if cuda else HEAD_BYTES
+    return max(1, min(n_members, budget // max(tokens * vocab * itemsize, 1)))
 
 
 class PackStep:
@@ -51,7 +53,7 @@ class PackStep:
         body_names = names[1:] + ([self.e_name] if self.tied else [])
         K, B, T, V = store.k, x.shape[0], x.shape[1], mcfg.vocab_size
         mb = B // n_micro
-        kc = head_chunk(K, mb * T, V)
+        kc = head_chunk(K, mb * T, V, cuda=x.device.type == "cuda")
         g_e = store.grad_columns([self.e_name])
         g_body = store.grad_columns(names[1:])
         ce_acc = reg_acc = 0.0

@@ -4,7 +4,8 @@
 vmapped over its members. A hook the stabilizer does not override is passed as None and costs
 nothing. Order per step (see ``bench.stabilizers.base``)::
 
-    logits = transform_logits(E·h)   →   ce, log Z = cross_entropy(logits)   →   reg = loss_term(...)
+    logits = transform_logits(E·h)   →   ce, log Z = cross_entropy(logits)
+    reg = mean_tokens(token_loss(log Z)) + loss_term(...)
     backward, clip, optimizer step   →   params[name] ← after_step(params)[name]   (no grad)
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .base import OUTPUT_EMBEDDING
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 LossTerm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+TokenLoss = Callable[[torch.Tensor], torch.Tensor]
 AfterStep = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
@@ -58,13 +60,15 @@ def check_tensor(stabilizer: str, hook: str, what: str, value: Any, shape: tuple
 
 
 def hooked_cross_entropy(logits: torch.Tensor, y: torch.Tensor, hidden: torch.Tensor, output_embedding: torch.Tensor,
-                         transform: Transform | None, loss_term: LossTerm | None, stabilizer: str = "stabilizer"
+                         transform: Transform | None, loss_term: LossTerm | None, stabilizer: str = "stabilizer",
+                         token_loss: TokenLoss | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Per-token cross-entropy, log Z, the loss term (None without one) and the transformed logits.
+    """Per-token cross-entropy, log Z, the regularization (None without one) and the transformed logits.
 
     logits (..., T, V) in the compute dtype (raised to at least float32 here); y (..., T) int64
     targets of the same leading shape; hidden (..., T, H); output_embedding (..., V, H).
-    ``loss_term(logits, lse, hidden, E)`` receives the transformed logits and the shared log Z.
+    ``loss_term(logits, lse, hidden, E)`` receives the transformed logits and the shared log Z;
+    ``token_loss(lse)`` returns a per-token penalty whose mean over the last two dims (B, T) joins it.
     What the hooks return is checked structurally (shape, dtype; inputs not edited in place), in
     Python without a host sync; ``stabilizer`` names the plug-in in the StabilizerError.
     """
@@ -78,13 +82,20 @@ def hooked_cross_entropy(logits: torch.Tensor, y: torch.Tensor, hidden: torch.Te
             raise _fault(stabilizer, "transform_logits", f"must return {lt.dtype} logits (as given), got {out.dtype}")
         lt = out
     ce_tok, lse, reg, logits_out = *cross_entropy_lse(lt, y), None, lt
+    if token_loss is not None:
+        before = lse._version
+        pen = token_loss(lse)
+        _check_unedited(stabilizer, "token_loss", ["lse"], [lse], [before])
+        check_tensor(stabilizer, "token_loss", "a per-token penalty", pen, lse.shape)
+        reg = pen.mean(dim=(-2, -1))
     if loss_term is not None:
         inputs = [lt, lse, hidden, output_embedding]
         before = _versions(inputs)
-        reg = loss_term(lt, lse, hidden, output_embedding)
+        term = loss_term(lt, lse, hidden, output_embedding)
         _check_unedited(stabilizer, "loss_term", ["logits", "lse", "hidden", "output_embedding"], inputs, before)
-        if reg is not None:
-            check_tensor(stabilizer, "loss_term", "a scalar loss", reg, lt.shape[:-3])
+        if term is not None:
+            check_tensor(stabilizer, "loss_term", "a scalar loss", term, lt.shape[:-3])
+            reg = term if reg is None else reg + term
     return ce_tok, lse, reg, logits_out
 
 

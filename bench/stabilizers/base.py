@@ -1,25 +1,33 @@
 """The stabilizer submission interface.
 
 A stabilizer is a frozen dataclass whose fields are its typed hyperparameters,
-with up to three hooks. Every hook is a *pure tensor function*: it returns new
+with up to four hooks. Every hook is a *pure tensor function*: it returns new
 tensors, edits nothing in place and never syncs with the host (no ``.item()``),
 so the engine can vectorize it over sweep members. The trainer applies what the
 hooks return, in this order, every step::
 
-    logits = stab.transform_logits(E·h)                     # (B, T, V)
-    loss   = cross_entropy(logits) + stab.loss_term(inputs)  # scalar
+    logits = stab.transform_logits(E·h)                     # (B, T, V), elementwise
+    loss   = cross_entropy(logits)                          # mean over tokens
+           + mean_tokens(stab.token_loss(log Z))            # per-token penalty of log Z
+           + stab.loss_term(inputs)                          # scalar
     loss.backward(); clip; optimizer.step()
     for name, new in stab.after_step(params).items():        # no grad
         params[name] <- new
 
 Implement only the hooks you need; the defaults do nothing.
+
+The loss head runs in chunks of tokens (``bench.head``: it never holds all B·T × V logits)
+when the stabilizer lets it: ``transform_logits`` must be elementwise (each logit's new value
+depends on that logit only), a penalty of log Z goes in ``token_loss`` (per token), and
+``loss_term`` declares in ``loss_term_uses`` which inputs it reads. A ``loss_term`` that reads
+``logits`` or ``lse`` (the default declaration, safe for any code) gets the unchunked head.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, FrozenSet
 
 import torch
 
@@ -27,18 +35,23 @@ OUTPUT_EMBEDDING = "output_embedding"
 """Key of E ∈ R^{V×H} in the ``params`` dict given to ``after_step`` (tied or not)."""
 
 
+LOSS_INPUTS: FrozenSet[str] = frozenset({"logits", "lse", "hidden", "output_embedding"})
+
+
 @dataclass(frozen=True)
 class LossInputs:
     """What ``loss_term`` may use. All tensors are part of the autograd graph.
 
-    logits: (B, T, V) logits after ``transform_logits``, in the compute dtype.
-    lse:    (B, T) float32 logsumexp of those logits (log Z), shared with the cross-entropy.
+    logits: (B, T, V) logits after ``transform_logits``, in the compute dtype
+            (None in the chunked head, given only to a term that does not declare it).
+    lse:    (B, T) float32 logsumexp of those logits (log Z), shared with the cross-entropy
+            (None in the chunked head, as logits).
     hidden: (B, T, H) final hidden states h.
     output_embedding: (V, H) the LM-head matrix E (the shared matrix with weight tying).
     """
 
-    logits: torch.Tensor
-    lse: torch.Tensor
+    logits: torch.Tensor | None
+    lse: torch.Tensor | None
     hidden: torch.Tensor
     output_embedding: torch.Tensor
 
@@ -48,10 +61,17 @@ class Stabilizer:
     """Base class: subclass it, set ``name``, add hyperparameters as float fields."""
 
     name: ClassVar[str] = "base"
+    loss_term_uses: ClassVar[FrozenSet[str]] = LOSS_INPUTS
+    """The ``LossInputs`` fields ``loss_term`` reads; without "logits" and "lse" the chunked head serves it."""
 
     def transform_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Map logits (B, T, V) to the logits the cross-entropy sees."""
         return logits
+
+    def token_loss(self, lse: torch.Tensor) -> torch.Tensor:
+        """Per-token penalty of log Z: lse (..., T) float32 → a tensor of the same shape, whose
+        mean over tokens is added to the loss (z-loss: λ·lse²). Runs inside the chunked head."""
+        return torch.zeros_like(lse)
 
     def loss_term(self, inputs: LossInputs) -> torch.Tensor | None:
         """Scalar regularization added to the cross-entropy, or None."""
@@ -77,6 +97,12 @@ class Stabilizer:
     def has_hook(cls, hook: str) -> bool:
         """True when ``cls`` overrides ``hook`` (the trainer skips hooks that do nothing)."""
         return getattr(cls, hook) is not getattr(Stabilizer, hook)
+
+    @classmethod
+    def chunkable(cls) -> bool:
+        """True when the chunked loss head can serve ``cls``: no ``loss_term``, or one that reads
+        neither the full logits nor log Z (``loss_term_uses``)."""
+        return not cls.has_hook("loss_term") or not ({"logits", "lse"} & set(cls.loss_term_uses))
 
 
 def check_nonnegative(stab: Stabilizer, field: str) -> None:

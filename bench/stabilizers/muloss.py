@@ -10,6 +10,7 @@ from .base import LossInputs, Stabilizer, check_nonnegative
 class MuLoss(Stabilizer):
     name = "muloss"
     lam: float = 1e-4
+    loss_term_uses = frozenset({"output_embedding"})  # E only: the chunked head serves it
 
     def __post_init__(self) -> None:
         check_nonnegative(self, "lam")

@@ -21,7 +21,7 @@ from ..model import GPT, ModelConfig
 from .apply import apply_after_step, hooked_cross_entropy
 from .base import LossInputs, Stabilizer
 
-HOOKS = ("transform_logits", "loss_term", "after_step")
+HOOKS = ("transform_logits", "token_loss", "loss_term", "after_step")
 BATCH, SEQ, VOCAB, HEAD_DIM = 2, 8, 64, 8
 _PASSED: set[tuple] = set()
 
@@ -72,17 +72,19 @@ def preflight(spec: str, stab: Stabilizer, model_cfg: ModelConfig) -> None:
         x = torch.randint(0, small.vocab_size, (BATCH, small.seq_len))
         y = torch.randint(0, small.vocab_size, (BATCH, small.seq_len))
         logits, hidden = model(x)
-    transform = term = None
+    transform = term = tok = None
+    if cls.has_hook("token_loss"):
+        tok = _guard(spec, "token_loss", stab.token_loss)
     if cls.has_hook("transform_logits"):
         transform = _guard(spec, "transform_logits", stab.transform_logits)
     if cls.has_hook("loss_term"):
         term = _guard(spec, "loss_term", lambda lt, lse, h, E: stab.loss_term(LossInputs(lt, lse, h, E)))
-    if transform is not None or term is not None:
-        _, _, reg, lt = hooked_cross_entropy(logits, y, hidden, model.output_embedding, transform, term, spec)
+    if transform is not None or term is not None or tok is not None:
+        _, _, reg, lt = hooked_cross_entropy(logits, y, hidden, model.output_embedding, transform, term, spec, tok)
         if transform is not None:
             _finite(spec, "transform_logits", "logits", lt)
         if reg is not None:
-            _finite(spec, "loss_term", "a loss", reg)
+            _finite(spec, "token_loss / loss_term", "a loss", reg)
     if cls.has_hook("after_step"):
         def after(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             new = _guard(spec, "after_step", stab.after_step)(named)

@@ -3,7 +3,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import LossInputs, Stabilizer, check_nonnegative
+from .base import Stabilizer, check_nonnegative
 
 
 @dataclass(frozen=True)
@@ -14,6 +14,6 @@ class ZLoss(Stabilizer):
     def __post_init__(self) -> None:
         check_nonnegative(self, "lam")
 
-    def loss_term(self, inputs: LossInputs) -> torch.Tensor:
-        # inputs.lse is the logsumexp the cross-entropy already computed: one pass over V.
-        return self.lam * inputs.lse.square().mean()
+    def token_loss(self, lse: torch.Tensor) -> torch.Tensor:
+        # lse is the logsumexp the cross-entropy already computed: no extra pass over V.
+        return self.lam * lse.square()

@@ -1,0 +1,238 @@
+"""``stabench device-check``: what one GPU must show before a sweep is sent to it, in one run.
+
+Three stages, each timed, each recorded even when it fails (a stage that raises is an error in
+the JSON, not a crash), within a wall-time budget (default 420 s on CUDA; presets left when the
+budget is spent are recorded as skipped):
+
+1. ``tests``: the ``cuda``-marked tests (``tests/test_cuda.py``) on the device: every stabilizer in
+   bf16 autocast with fused AdamW, tied and untied; compile; a pack equal to its unpacked runs
+   within bf16 tolerance; divergence isolation in a pack; checkpoint and resume.
+2. ``perf``: ``bench.perf`` per preset (16M, 57M, 109M, 221M on CUDA at 16 × 2048 tokens, V = 50,304):
+   step time, tokens/s, MFU against the measured bf16 GEMM peak, peak memory (``max_memory_allocated``),
+   chunked vs unchunked loss head; and the loss head alone.
+3. ``packed``: trials/hour of short 16M trials packed (K = 4, 8, 16) vs one at a time.
+
+Output: ``<out>/gpu-<device>.json`` and ``.md`` (``<device>`` from the GPU's name, e.g.
+``gpu-nvidia-h200``); the CPU dry run (``--device cpu --quick``: the same stages on tiny sizes, so
+the script never rots) writes ``cpu-dry-run.json`` and ``.md``. ``scripts/device-check.sh`` wraps
+it for a GPU node with the project's wheels.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any, Callable
+
+TARGETS = {"mfu_109M_221M": 0.40, "packed_factor_16M": 3.0}
+"""The issue's GPU targets: MFU ≥ 40 % of the measured bf16 peak at 109M and 221M; packed 16M
+trials ≥ 3× the trials/hour of unpacked ones."""
+FIELDS = ("created_at", "device", "device_name", "quick", "budget_s", "wall_s", "versions", "stages", "targets")
+STAGES = ("tests", "perf", "packed")
+
+
+def plan(device: str, quick: bool) -> dict[str, Any]:
+    """Sizes of each stage: the study's on CUDA, tiny ones for the CPU dry run."""
+    if device == "cuda" and not quick:
+        return {"presets": ["16M", "57M", "109M", "221M"], "batch_size": 16, "seq_len": 2048, "vocab_size": 50304,
+                "pack_preset": "16M", "pack_ks": [4, 8, 16], "pack_steps": 30, "precision": "bf16", "budget_s": 420}
+    return {"presets": ["nano", "micro"], "batch_size": 4, "seq_len": 32, "vocab_size": 512,
+            "pack_preset": "nano", "pack_ks": [2, 4], "pack_steps": 5,
+            "precision": "bf16" if device == "cuda" else "fp32", "budget_s": 300}
+
+
+def _stage(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    t = time.perf_counter()
+    try:
+        out = {"ok": True, **fn()}
+    except Exception as e:  # noqa: BLE001 - a failed stage is a result of the check
+        out = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    out["seconds"] = time.perf_counter() - t
+    return out
+
+
+def run_tests(device: str, repo: Path, timeout_s: float) -> dict[str, Any]:
+    """``pytest -m cuda tests/test_cuda.py`` on ``device`` (``STABENCH_TEST_DEVICE``), counted from its JUnit XML."""
+    test_file = repo / "tests" / "test_cuda.py"
+    if not test_file.exists():
+        raise FileNotFoundError(f"{test_file} (run the check from a checkout of the project)")
+    with tempfile.TemporaryDirectory() as tmp:
+        xml = Path(tmp) / "junit.xml"
+        env = {**os.environ, "STABENCH_TEST_DEVICE": device}
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
+                               f"--junitxml={xml}", str(test_file)], cwd=repo, env=env, capture_output=True,
+                              text=True, timeout=timeout_s)
+        suite = ET.parse(xml).getroot()
+        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+        cases = suite.findall("testcase")
+        failed = [c.get("name") for c in cases if c.find("failure") is not None or c.find("error") is not None]
+        skipped = [c.get("name") for c in cases if c.find("skipped") is not None]
+    return {"returncode": proc.returncode, "tests": len(cases), "passed": len(cases) - len(failed) - len(skipped),
+            "failed": failed, "skipped": skipped, "output_tail": proc.stdout[-2000:] + proc.stderr[-1000:]}
+
+
+def run_perf_stage(device: str, p: dict[str, Any], deadline: float, quick: bool, log) -> dict[str, Any]:
+    """``bench.perf`` preset by preset (each a full result of its own), until ``deadline``."""
+    from .perf import run_perf
+
+    rows, skipped, head, peak = [], [], None, None
+    for i, name in enumerate(p["presets"]):
+        if time.monotonic() > deadline:
+            skipped.append(name)
+            continue
+        res = run_perf([name], quick=quick, device=device, precision=p["precision"], threads=None,
+                       batch_size=p["batch_size"], seq_len=p["seq_len"], vocab_size=p["vocab_size"], compile_=False,
+                       sections={"head"} if i == 0 else set(), log=log)
+        rows += res["presets"]
+        head = head or res["head"]
+        peak = peak or res["peak"]
+    return {"presets": rows, "head": head, "peak": peak, "skipped_presets": skipped}
+
+
+def run_packed_stage(device: str, p: dict[str, Any], deadline: float) -> dict[str, Any]:
+    """Trials/hour of ``pack_preset`` trials (``pack_steps`` steps, learning rates spread by 10 %):
+    one unpacked trial timed alone, then packs of each K, each trial set trained to completion."""
+    import torch
+
+    from .pack import train_pack
+    from .trainer import train
+    from .config import from_dict
+
+    base = dict(model=p["pack_preset"], vocab_size=p["vocab_size"], seq_len=p["seq_len"], batch_size=p["batch_size"],
+                steps=p["pack_steps"], warmup=1, eval_every=p["pack_steps"], eval_batches=1, final_eval_batches=1,
+                log_every=5, data="synthetic:tokens=200000", device=device, precision=p["precision"], data_seed=0)
+
+    def cfgs(k: int):
+        return [from_dict({**base, "lr": 1e-3 * (1 + i / 10), "seed": i + 1}).check() for i in range(k)]
+
+    def timed(fn) -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    train(cfgs(1)[0])  # warm up: kernels, allocator, data
+    unpacked_s = statistics.median(timed(lambda: train(cfgs(1)[0])) for _ in range(2))
+    rows = []
+    for k in p["pack_ks"]:
+        if time.monotonic() > deadline:
+            rows.append({"k": k, "skipped": "time budget"})
+            continue
+        members = cfgs(k)
+        secs = timed(lambda: train_pack(members))
+        rows.append({"k": k, "seconds": secs, "packed_trials_per_hour": 3600 * k / secs,
+                     "unpacked_trials_per_hour": 3600 / unpacked_s, "factor": unpacked_s * k / secs})
+    return {"preset": p["pack_preset"], "steps": p["pack_steps"], "unpacked_trial_s": unpacked_s, "rows": rows}
+
+
+def device_slug(device: str) -> str:
+    """``gpu-<name>`` for a CUDA device (``gpu-nvidia-h200``), ``cpu-dry-run`` for the CPU."""
+    if device != "cuda":
+        return "cpu-dry-run"
+    import torch
+    return "gpu-" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-")
+
+
+def check(device: str, quick: bool, repo: Path, budget_s: float | None = None, log=print) -> dict[str, Any]:
+    """Run the three stages; the result has every key of ``FIELDS`` and every stage of ``STAGES``."""
+    import torch
+
+    from . import provenance
+
+    if device == "cuda" and not torch.cuda.is_available():
+        from .errors import UsageError
+        raise UsageError("--device cuda: no CUDA device is visible here (torch.cuda.is_available() is False)")
+    p = plan(device, quick)
+    budget = budget_s or p["budget_s"]
+    start = time.monotonic()
+    deadline = start + budget
+    log(f"device check on {device}: tests…")
+    stages = {"tests": _stage(lambda: run_tests(device, repo, timeout_s=max(budget * 0.5, 60)))}
+    log("device check: perf…")
+    stages["perf"] = _stage(lambda: run_perf_stage(device, p, deadline - budget * 0.15, quick, log))
+    log("device check: packed vs unpacked…")
+    stages["packed"] = _stage(lambda: run_packed_stage(device, p, deadline))
+    mfu = {r["preset"]: r["mfu"] for r in stages["perf"].get("presets", [])}
+    factors = [r["factor"] for r in stages["packed"].get("rows", []) if "factor" in r]
+    targets = {"mfu_109M_221M": {"target": TARGETS["mfu_109M_221M"], "measured": {k: mfu.get(k) for k in ("109M", "221M")},
+                                 "met": all(mfu.get(k, 0) >= TARGETS["mfu_109M_221M"] for k in ("109M", "221M"))},
+               "packed_factor_16M": {"target": TARGETS["packed_factor_16M"], "measured": max(factors, default=None),
+                                     "met": max(factors, default=0) >= TARGETS["packed_factor_16M"]}}
+    return {"created_at": provenance.utc_now(), "device": device,
+            "device_name": provenance.device_name(torch.device(device)), "quick": quick, "budget_s": budget,
+            "wall_s": time.monotonic() - start, "versions": provenance.versions(), "plan": p,
+            "stages": stages, "targets": targets}
+
+
+def markdown(res: dict[str, Any]) -> str:
+    """The check as the README's tables."""
+    st = res["stages"]
+    t = st["tests"]
+    out = [f"# Device check: {res['device_name']} ({res['created_at'][:10]}, {res['wall_s']:.0f} s"
+           f"{', quick' if res['quick'] else ''})", "",
+           f"CUDA tests: {t.get('passed', 0)}/{t.get('tests', 0)} passed" +
+           (f", failed: {', '.join(t['failed'])}" if t.get("failed") else "") +
+           (f" — stage error: {t['error']}" if not t["ok"] else ""), ""]
+    perf = st["perf"]
+    if perf.get("presets"):
+        peak = next(iter(perf["peak"].values()))
+        out += [f"GEMM peak {peak['flops'] / 1e12:.1f} TFLOP/s ({peak['dtype']}, {peak.get('method', '')}).", "",
+                "| preset | step (ms) | tokens/s | MFU | peak memory (GiB) | unchunked step (ms) | unchunked peak (GiB) |",
+                "|---|---|---|---|---|---|---|"]
+        gib = lambda b: f"{b / 2**30:.1f}" if b is not None else "n/a"  # noqa: E731
+        out += [f"| `{r['preset']}` | {r['step_time_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | {r['mfu']:.0%} | "
+                f"{gib(r['peak_memory_bytes'])} | {r['step_time_unchunked_s'] * 1e3:.1f} | "
+                f"{gib(r['peak_memory_unchunked_bytes'])} |" for r in perf["presets"]]
+        if perf.get("skipped_presets"):
+            out += ["", f"Skipped (time budget): {', '.join(perf['skipped_presets'])}."]
+    elif not perf["ok"]:
+        out += [f"perf stage error: {perf['error']}"]
+    pk = st["packed"]
+    if pk.get("rows"):
+        out += ["", f"Packed vs unpacked `{pk['preset']}` trials of {pk['steps']} steps "
+                    f"(unpacked: {pk['unpacked_trial_s']:.1f} s per trial):", "", "| K | trials/hour packed | "
+                    "trials/hour unpacked | factor |", "|---|---|---|---|"]
+        out += [f"| {r['k']} | {r['packed_trials_per_hour']:.0f} | {r['unpacked_trials_per_hour']:.0f} | "
+                f"{r['factor']:.2f}× |" if "factor" in r else f"| {r['k']} | skipped | | |" for r in pk["rows"]]
+    elif not pk["ok"]:
+        out += ["", f"packed stage error: {pk['error']}"]
+    out += ["", "Targets: " + "; ".join(f"{k} ≥ {v['target']}: {'met' if v['met'] else 'not met'} "
+                                       f"(measured {v['measured']})" for k, v in res["targets"].items())]
+    return "\n".join(out) + "\n"
+
+
+def configure(name: str, p) -> None:
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="cuda: the check on this node's GPU; cpu: the dry run (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: the dry run, not a measurement")
+    p.add_argument("--out", default="results/perf", metavar="DIR",
+                   help="folder for gpu-<device>.json and .md (cpu-dry-run.* on CPU) (default: %(default)s)")
+    p.add_argument("--budget-s", type=float, default=None, metavar="SECONDS",
+                   help="wall-time budget of the whole check (default: 420 on CUDA, 300 for the dry run)")
+
+
+def main(name: str, args) -> int:
+    from .errors import UsageError
+
+    if args.budget_s is not None and not args.budget_s > 0:
+        raise UsageError(f"--budget-s must be > 0 seconds, got {args.budget_s}")
+    repo = Path(__file__).resolve().parent.parent
+    res = check(args.device, args.quick, repo, args.budget_s, log=lambda m: print(m, file=sys.stderr, flush=True))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / device_slug(args.device)
+    stem.with_suffix(".json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+    stem.with_suffix(".md").write_text(markdown(res))
+    print(markdown(res))
+    print(f"wrote {stem}.json and {stem}.md")
+    return 0 if all(res["stages"][s]["ok"] for s in STAGES) and not res["stages"]["tests"].get("failed") else 1

@@ -1,0 +1,155 @@
+"""The loss head in chunks of tokens: E·h, the logit transform, cross-entropy and log Z, and
+their gradients, without ever holding the (N × V) logits of all N tokens.
+
+``chunked_head(h, E, y, ...)`` returns one differentiable scalar, mean cross-entropy + mean
+per-token penalty on log Z, plus detached by-products (the cross-entropy, the penalty, log Z per
+token and the logit statistics). For each chunk of ``chunk`` tokens it computes the logits
+(chunk × V), applies ``transform`` (elementwise, e.g. soft-capping), the cross-entropy and log Z,
+the penalty, and — when gradients are wanted — the gradient of the chunk's share of the loss
+with respect to its logits, which it turns at once into the chunk's rows of ∂/∂h (= g·E) and
+its addend of ∂/∂E (= gᵀ·h). So the head needs one chunk's logits and the (V × H) gradient of E,
+not B·T × V logits, their log-softmax and their gradient (``bench.memory``), and does the same
+three GEMMs as the unchunked head. The gradients are formed in the forward pass (the loss is the
+last node of the graph; backward only scales them by the incoming scalar), as in Liger-Kernel's
+fused linear cross-entropy.
+
+Precision: the head runs outside the model's autocast / emulation context and applies the run's
+precision to its own GEMMs, as autocast or ``bench.precision.BF16Rounding`` would to the
+unchunked ``lm_head``: ``bf16`` multiplies bf16 copies of h and E (fp32 accumulation) and raises
+the logits to fp32; ``bf16-emu`` rounds h, E, the logits, the logit gradient and the two GEMM
+results to bf16 values; ``fp32`` and ``fp64`` compute as written.
+
+What does not fit in it (a ``loss_term`` that reads the full logits or log Z) keeps the unchunked
+head (``train_module.stabilized_loss``), which is also what packs use.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .config import DEFAULT_HEAD_CHUNK
+from .precision import bf16_round
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+TokenLoss = Callable[[torch.Tensor], torch.Tensor]
+
+DEFAULT_CHUNK = DEFAULT_HEAD_CHUNK  # tokens; 1024 × V fp32 logits are 32 MiB at V = 8192, 196 MiB at 50,304
+
+
+def _gemm_operands(precision: str, h: torch.Tensor, E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """h, E as the head's GEMMs read them in ``precision``."""
+    if precision == "bf16":
+        return h.to(torch.bfloat16), E.to(torch.bfloat16)
+    if precision == "bf16-emu":
+        return bf16_round(h), bf16_round(E)
+    return h, E
+
+
+def _out(precision: str, t: torch.Tensor) -> torch.Tensor:
+    """A GEMM result as the unchunked head would see it in ``precision`` (bf16-valued for bf16-emu)."""
+    return bf16_round(t) if precision == "bf16-emu" else t
+
+
+def logit_stats(lt: torch.Tensor) -> torch.Tensor:
+    """float64 (3,) [Σ l, Σ l², max |l|] of logits ``lt`` (n, V), without a logits-sized temporary:
+    per-row sums in the logits' dtype (V terms each), accumulated over rows in float64."""
+    lt = lt.detach()
+    lo, hi = torch.aminmax(lt)
+    return torch.stack([lt.sum(dim=-1).double().sum(), torch.linalg.vector_norm(lt, dim=-1).double().square().sum(),
+                        torch.maximum(-lo, hi).double()])
+
+
+def logits(h: torch.Tensor, E: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """The logits E·h of hidden states h (n, H) in ``precision``, raised to (at least) fp32: (n, V)."""
+    hc, Ec = _gemm_operands(precision, h, E)
+    acc = torch.float64 if E.dtype == torch.float64 else torch.float32
+    return _out(precision, hc @ Ec.T).to(acc)
+
+
+class _ChunkedHead(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, E, y, chunk: int, transform, token_loss, precision: str, want_grad: bool, want_stats: bool):
+        N = h.shape[0]
+        hc, Ec = _gemm_operands(precision, h.detach(), E.detach())
+        acc = torch.float64 if E.dtype == torch.float64 else torch.float32
+        ce_sum = torch.zeros((), dtype=acc, device=h.device)
+        pen_sum = torch.zeros((), dtype=acc, device=h.device)
+        stats = torch.zeros(3, dtype=torch.float64, device=h.device)  # Σ l, Σ l², max |l|
+        lse_all = torch.empty(N, dtype=acc, device=h.device)
+        grad_h = torch.empty_like(h) if want_grad else None
+        grad_E = torch.zeros(E.shape, dtype=acc, device=E.device) if want_grad else None
+        for start in range(0, N, chunk):
+            sl = slice(start, min(start + chunk, N))
+            yc = y[sl].unsqueeze(1)
+            raw = _out(precision, hc[sl] @ Ec.T).to(acc)  # (n, V) logits of this chunk
+            if transform is not None:
+                with torch.enable_grad():
+                    raw.requires_grad_(want_grad)
+                    lt = transform(raw)
+            else:
+                lt = raw
+            lt_ = lt.detach()
+            if want_stats:
+                st = logit_stats(lt_)
+                stats[:2] += st[:2]
+                stats[2] = torch.maximum(stats[2], st[2])
+            logp = torch.log_softmax(lt_, dim=-1)  # (n, V)
+            logp_t = logp.gather(1, yc).squeeze(1)
+            lse = lt_.gather(1, yc).squeeze(1) - logp_t  # log Z per token, (n,)
+            ce_sum += -logp_t.sum()
+            lse_all[sl] = lse
+            slope = None  # ∂penalty/∂lse per token
+            if token_loss is not None:
+                with torch.enable_grad():
+                    lse_r = lse.detach().requires_grad_(want_grad)
+                    pen = token_loss(lse_r).sum()
+                pen_sum += pen.detach()
+                if want_grad:
+                    (slope,) = torch.autograd.grad(pen, lse_r)
+            if not want_grad:
+                del raw, lt, lt_, logp
+                continue
+            # ∂(ce + penalty)/∂l = softmax(l)·(1 + ∂pen/∂lse) − onehot(y); the mean over N tokens: / N
+            g = logp.exp_()  # softmax, in place of the log-softmax
+            g.mul_(((1 + slope) / N).unsqueeze(1) if slope is not None else 1.0 / N)
+            g.scatter_add_(1, yc, torch.full_like(logp_t, -1.0 / N).unsqueeze(1))
+            if transform is not None:
+                (g,) = torch.autograd.grad(lt, raw, g)  # through the elementwise transform
+            g = _out(precision, g).to(hc.dtype)
+            grad_h[sl] = _out(precision, g @ Ec).to(h.dtype)  # (n, H)
+            grad_E.add_(g.T @ hc[sl])  # (V, H)
+            del raw, lt, lt_, logp, g  # freed before the next chunk's logits: one chunk alive at a time
+        if want_grad:
+            ctx.save_for_backward(grad_h, _out(precision, grad_E).to(E.dtype))
+        ctx.mark_non_differentiable(lse_all, stats)
+        return (ce_sum + pen_sum) / N, ce_sum / N, pen_sum / N, lse_all, stats
+
+    @staticmethod
+    def backward(ctx, g_total, *_):
+        grad_h, grad_E = ctx.saved_tensors
+        return g_total * grad_h, g_total * grad_E, None, None, None, None, None, None, None
+
+
+def chunked_head(h: torch.Tensor, E: torch.Tensor, y: torch.Tensor, *, chunk: int = DEFAULT_CHUNK,
+                 transform: Transform | None = None, token_loss: TokenLoss | None = None,
+                 precision: str = "fp32", stats: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The chunked loss head of N = B·T tokens.
+
+    h: (..., H) final hidden states; E: (V, H) output embedding; y: (...,) int64 targets;
+    chunk: tokens per chunk (≥ 1; any N, the last chunk may be shorter); transform: elementwise
+    map of fp32 logits (n, V) → (n, V); token_loss: per-token penalty of log Z, (n,) → (n,), whose
+    mean over tokens is added to the loss; precision: the run's resolved precision.
+
+    Returns ``(total, ce, penalty, lse, stats)``: total = ce + penalty, a differentiable scalar
+    (gradients reach h and E); ce, penalty: detached scalars (means over tokens); lse: (...,)
+    detached log Z per token; stats: float64 (3,) [Σ logits, Σ logits², max |logit|] over all
+    N × V transformed logits (zeros when ``stats`` is False: three passes over the logits saved).
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1 tokens, got {chunk}")
+    shape = y.shape
+    want = torch.is_grad_enabled() and (h.requires_grad or E.requires_grad)
+    total, ce, pen, lse, st = _ChunkedHead.apply(h.reshape(-1, h.shape[-1]), E, y.reshape(-1), chunk,
+                                                    transform, token_loss, precision, want, stats)
+    return total, ce.detach(), pen.detach(), lse.reshape(shape), st

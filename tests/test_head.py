@@ -1,0 +1,189 @@
+"""The chunked loss head (bench.head) is the unchunked head, computed a chunk of tokens at a time.
+
+In float64 the two agree to rounding: loss, cross-entropy, regularization, log Z, logit statistics
+and the gradient of every parameter, for every built-in stabilizer, tied and untied, for chunk sizes
+that divide B·T and that do not. A stabilizer whose loss_term reads the full logits takes the
+unchunked head. The head's peak memory is one chunk's logits, not B·T × V.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from bench.config import RunConfig
+from bench.head import chunked_head
+from bench.memory import measure_peak_bytes
+from bench.model import GPT, preset
+from bench.stabilizers import LossInputs, Stabilizer, make_stabilizer
+from bench.train_module import stabilized_loss, uses_chunked_head
+
+BUILTINS = [("baseline", {}), ("zloss", {"lam": 0.3}), ("softcap", {"cap": 2.0}), ("muloss", {"lam": 2.0}),
+            ("mucentering", {})]
+B, T, V = 3, 7, 97  # B·T = 21 tokens
+
+
+def _model(tied: bool) -> GPT:
+    torch.manual_seed(0)
+    return GPT(preset("nano", vocab_size=V, seq_len=T, weight_tying=tied)).double()
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, V, (B, T), generator=g), torch.randint(0, V, (B, T), generator=g)
+
+
+def _loss_and_grads(model: GPT, stab, chunk: int):
+    x, y = _batch()
+    model.zero_grad(set_to_none=True)
+    out = stabilized_loss(model, stab, x, y, nullcontext(), precision="fp64", chunk=chunk, stats=True)
+    out.total.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("name,hp", BUILTINS, ids=[b[0] for b in BUILTINS])
+@pytest.mark.parametrize("chunk", [1, 4, 7, 21, 64], ids=lambda c: f"chunk{c}")
+def test_chunked_head_equals_unchunked_head_fp64(name, hp, tied, chunk):
+    """chunk 7 divides B·T = 21, 4 does not; 64 > B·T is one chunk; 1 is one token at a time."""
+    stab = make_stabilizer(name, **hp)
+    assert uses_chunked_head(stab, chunk)  # every built-in fits the chunked head
+    model = _model(tied)
+    full, g_full = _loss_and_grads(model, stab, chunk=0)
+    part, g_part = _loss_and_grads(model, stab, chunk=chunk)
+    for field in ("total", "ce", "reg"):
+        assert float(getattr(part, field)) == pytest.approx(float(getattr(full, field)), rel=1e-12, abs=1e-15), field
+    torch.testing.assert_close(part.lse, full.lse, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(part.stats, full.stats, rtol=1e-12, atol=1e-12)  # Σl, Σl², max|l|
+    assert g_full.keys() == g_part.keys()
+    for n in g_full:
+        torch.testing.assert_close(g_part[n], g_full[n], rtol=1e-10, atol=1e-13, msg=n)
+    if name in ("zloss", "muloss"):
+        assert float(full.reg) > 0  # the regularization is really there in both
+
+
+def test_chunked_head_function_against_a_direct_computation():
+    """Without the model: mean cross-entropy + mean penalty of log Z and its gradients, by autograd."""
+    torch.manual_seed(0)
+    h = torch.randn(10, 5, dtype=torch.float64, requires_grad=True)
+    E = torch.randn(13, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 13, (10,))
+    logits = h @ E.T
+    lse = torch.logsumexp(logits, dim=-1)
+    want = torch.nn.functional.cross_entropy(logits, y) + (0.1 * lse.square()).mean()
+    gh, gE = torch.autograd.grad(want, (h, E))
+    total, ce, pen, lse_c, _ = chunked_head(h, E, y, chunk=3, token_loss=lambda z: 0.1 * z.square())
+    gh_c, gE_c = torch.autograd.grad(total, (h, E))
+    assert float(total) == pytest.approx(float(want), rel=1e-12)
+    assert float(ce + pen) == pytest.approx(float(want), rel=1e-12)
+    torch.testing.assert_close(lse_c, lse.detach())
+    torch.testing.assert_close(gh_c, gh)
+    torch.testing.assert_close(gE_c, gE)
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        chunked_head(h, E, y, chunk=0)
+
+
+SEEN: list[tuple[bool, bool]] = []
+
+
+@dataclass(frozen=True)
+class ReadsHiddenOnly(Stabilizer):
+    """Declares that its loss_term reads only the hidden states: the chunked head serves it."""
+
+    name = "hidden_l2"
+    loss_term_uses = frozenset({"hidden"})
+    lam: float = 0.5
+
+    def loss_term(self, inputs: LossInputs) -> torch.Tensor:
+        SEEN.append((inputs.logits is None, inputs.lse is None))
+        return self.lam * inputs.hidden.square().mean()
+
+
+@dataclass(frozen=True)
+class ReadsLogits(Stabilizer):
+    """A loss_term on the full logits (no declaration): it must get the unchunked head."""
+
+    name = "logit_l2"
+    lam: float = 0.01
+
+    def loss_term(self, inputs: LossInputs) -> torch.Tensor:
+        return self.lam * inputs.logits.square().mean()
+
+
+def test_a_loss_term_that_reads_the_full_logits_takes_the_unchunked_head():
+    stab = ReadsLogits()
+    assert not type(stab).chunkable() and not uses_chunked_head(stab, 8)
+    model = _model(False)
+    full, g_full = _loss_and_grads(model, stab, chunk=0)
+    fallback, g_fb = _loss_and_grads(model, stab, chunk=8)  # asks for chunks, gets the full logits
+    assert float(fallback.reg) == float(full.reg) > 0
+    for n in g_full:
+        assert torch.equal(g_fb[n], g_full[n]), n
+
+
+def test_a_loss_term_declaring_what_it_reads_runs_inside_the_chunked_head():
+    stab = ReadsHiddenOnly()
+    assert uses_chunked_head(stab, 8)
+    model = _model(False)
+    full, g_full = _loss_and_grads(model, stab, chunk=0)
+    SEEN.clear()
+    part, g_part = _loss_and_grads(model, stab, chunk=8)
+    assert SEEN == [(True, True)]  # the full logits and log Z were never formed for it
+    assert float(part.total) == pytest.approx(float(full.total), rel=1e-12)
+    for n in g_full:
+        torch.testing.assert_close(g_part[n], g_full[n], rtol=1e-10, atol=1e-13, msg=n)
+
+
+@pytest.mark.parametrize("precision", ["bf16-emu", "fp32"])
+def test_chunked_training_follows_the_unchunked_run(precision):
+    """Whole runs (20 steps) with either head end at the same loss, up to fp32 summation order."""
+    from bench.trainer import train
+    from tests.helpers import tiny_config
+
+    runs = [train(tiny_config(precision=precision, stabilizer="zloss", hparams={"lam": 1e-2}, head_chunk=c)).run
+            for c in (0, 5)]
+    for k in ("final_loss", "final_loss_fp32", "logit_mean", "mean_log2z"):
+        assert runs[1][k] == pytest.approx(runs[0][k], rel=2e-3, abs=1e-4), k
+
+
+def test_peak_memory_of_the_chunked_head_is_a_chunk_not_the_batch():
+    """Measured (process peak RSS on CPU): 2,048 tokens × V = 50,304 in chunks of 256 tokens."""
+    if measure_peak_bytes(lambda: None) is None:
+        pytest.skip("peak memory is measured through /proc/self (Linux only)")
+    torch.manual_seed(0)
+    N, H, V_ = 2048, 64, 50304
+    h = torch.randn(N, H, requires_grad=True)
+    E = (0.02 * torch.randn(V_, H)).requires_grad_()
+    y = torch.randint(0, V_, (N,))
+
+    def step(chunk):
+        def run():
+            out = stabilized_loss_head(h, E, y, chunk)
+            out.backward()
+            h.grad = E.grad = None
+        return run
+
+    logits_bytes = N * V_ * 4  # 412 MB
+    full = measure_peak_bytes(step(0))
+    chunked = measure_peak_bytes(step(256))
+    assert full > 2 * logits_bytes  # the unchunked head holds several (N × V) buffers
+    assert chunked < logits_bytes  # the chunked one a few (256 × V) ones and the (V × H) gradient
+    assert chunked < full / 4  # (measured: 130 MB vs 1,248 MB; 233 vs 1,661 with the tuned allocator)
+
+
+def stabilized_loss_head(h, E, y, chunk):
+    """The head alone: unchunked as train_module does it (F.linear + the fused cross-entropy), or chunked."""
+    from bench.losses import cross_entropy_lse
+
+    if chunk == 0:
+        ce, _ = cross_entropy_lse(torch.nn.functional.linear(h, E), y)
+        return ce.mean()
+    return chunked_head(h, E, y, chunk=chunk, stats=False)[0]
+
+
+def test_run_config_head_chunk_is_checked():
+    from bench.errors import ConfigError
+    with pytest.raises(ConfigError, match="head_chunk"):
+        RunConfig(head_chunk=-1).check(machine=False)
