@@ -32,6 +32,8 @@ from .config import DEFAULT_HEAD_CHUNK
 from .precision import bf16_round
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
+SlopeTransform = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""raw (n, V) -> (f(raw), f′(raw)): an elementwise transform and its derivative (``transform_logits_with_slope``)."""
 TokenLoss = Callable[[torch.Tensor], torch.Tensor]
 
 DEFAULT_CHUNK = DEFAULT_HEAD_CHUNK  # tokens; 1024 × V fp32 logits are 32 MiB at V = 8192, 196 MiB at 50,304
@@ -67,9 +69,54 @@ def logits(h: torch.Tensor, E: torch.Tensor, precision: str = "fp32") -> torch.T
     return _out(precision, hc @ Ec.T).to(acc)
 
 
+def _identity_with_slope(raw: torch.Tensor):
+    return raw, 1.0
+
+
+def _reduce(f, raw: torch.Tensor, y: torch.Tensor):
+    """l = f(raw) and f′(raw) (n, V) (the transform evaluated once), and log Z, the target's logit and
+    row statistics [Σ l, Σ l², max |l|] of l, (n,) each. Without a transform l is raw, f′ the number 1."""
+    lt, slope = f(raw)
+    m = lt.amax(-1, keepdim=True)
+    lse = (m + torch.exp(lt - m).sum(-1, keepdim=True).log()).squeeze(-1)
+    lt_y = lt.gather(1, y.unsqueeze(1)).squeeze(1)
+    return lt, slope, lse, lt_y, torch.stack([lt.sum(-1), (lt * lt).sum(-1), lt.abs().amax(-1)], -1)
+
+
+def _grad(lt: torch.Tensor, slope, y: torch.Tensor, lse: torch.Tensor, a: torch.Tensor, inv_n: float):
+    """∂loss/∂raw = (softmax(l)·a − onehot(y)/N)·f′(raw); a = (1 + ∂pen/∂lse)/N per token."""
+    onehot = torch.arange(lt.shape[1], device=lt.device).unsqueeze(0) == y.unsqueeze(1)
+    return (torch.exp(lt - lse.unsqueeze(1)) * a.unsqueeze(1) - onehot * inv_n) * slope
+
+
+class FusedKernels:
+    """The chunk's elementwise work in two ``torch.compile``'d passes (a reduction pass: log Z, the
+    target logit, statistics; a gradient pass), the transform and its slope fused into both:
+    ``transform_with_slope(raw) -> (f(raw), f′(raw))`` (elementwise), or None for no transform.
+    Where compiling fails (no C++ compiler), it says so once on stderr and the head runs unfused."""
+
+    def __init__(self, transform_with_slope=None):
+        import functools
+        f = transform_with_slope or _identity_with_slope
+        self.reduce = torch.compile(functools.partial(_reduce, f), dynamic=None)
+        self.grad = torch.compile(_grad, dynamic=None)
+        self.failed = False
+
+    def run(self, fn, *args):
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - torch.compile's failures have many types
+            import sys
+            print(f"stabench: the fused loss head could not be compiled ({type(e).__name__}: {str(e)[:200]}); "
+                  "running it unfused", file=sys.stderr)
+            self.failed = True
+            return None
+
+
 class _ChunkedHead(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, E, y, chunk: int, transform, token_loss, precision: str, want_grad: bool, want_stats: bool):
+    def forward(ctx, h, E, y, chunk: int, transform, token_loss, precision: str, want_grad: bool, want_stats: bool,
+                fused: "FusedKernels | None" = None, with_slope: "SlopeTransform | None" = None):
         N = h.shape[0]
         hc, Ec = _gemm_operands(precision, h.detach(), E.detach())
         acc = torch.float64 if E.dtype == torch.float64 else torch.float32
@@ -83,7 +130,26 @@ class _ChunkedHead(torch.autograd.Function):
             sl = slice(start, min(start + chunk, N))
             yc = y[sl].unsqueeze(1)
             raw = _out(precision, hc[sl] @ Ec.T).to(acc)  # (n, V) logits of this chunk
-            if transform is not None:
+            if fused is not None and not fused.failed and raw.dtype == torch.float32:
+                done = fused.run(_fused_chunk, fused, raw, y[sl], token_loss, N, want_grad)
+                if done is not None:
+                    lse, ce_c, pen_c, st, g = done
+                    ce_sum += ce_c
+                    pen_sum += pen_c
+                    lse_all[sl] = lse
+                    if want_stats:
+                        stats[:2] += st[:2]
+                        stats[2] = torch.maximum(stats[2], st[2])
+                    if want_grad:
+                        g = _out(precision, g).to(hc.dtype)
+                        grad_h[sl] = _out(precision, g @ Ec).to(h.dtype)
+                        grad_E.add_(g.T @ hc[sl])
+                    del raw, g
+                    continue
+            dlt = None  # f′(raw), when the transform gives its slope
+            if with_slope is not None:  # f(raw) and f′(raw) in plain tensor ops: no autograd graph
+                lt, dlt = with_slope(raw)
+            elif transform is not None:
                 with torch.enable_grad():
                     raw.requires_grad_(want_grad)
                     lt = transform(raw)
@@ -108,18 +174,20 @@ class _ChunkedHead(torch.autograd.Function):
                 if want_grad:
                     (slope,) = torch.autograd.grad(pen, lse_r)
             if not want_grad:
-                del raw, lt, lt_, logp
+                del raw, lt, lt_, logp, dlt
                 continue
             # ∂(ce + penalty)/∂l = softmax(l)·(1 + ∂pen/∂lse) − onehot(y); the mean over N tokens: / N
             g = logp.exp_()  # softmax, in place of the log-softmax
             g.mul_(((1 + slope) / N).unsqueeze(1) if slope is not None else 1.0 / N)
             g.scatter_add_(1, yc, torch.full_like(logp_t, -1.0 / N).unsqueeze(1))
-            if transform is not None:
+            if dlt is not None:
+                g.mul_(dlt)  # chain rule through the elementwise transform: ∂/∂raw = ∂/∂l · f′(raw)
+            elif transform is not None:
                 (g,) = torch.autograd.grad(lt, raw, g)  # through the elementwise transform
             g = _out(precision, g).to(hc.dtype)
             grad_h[sl] = _out(precision, g @ Ec).to(h.dtype)  # (n, H)
             grad_E.add_(g.T @ hc[sl])  # (V, H)
-            del raw, lt, lt_, logp, g  # freed before the next chunk's logits: one chunk alive at a time
+            del raw, lt, lt_, logp, g, dlt  # freed before the next chunk's logits: one chunk alive at a time
         if want_grad:
             ctx.save_for_backward(grad_h, _out(precision, grad_E).to(E.dtype))
         ctx.mark_non_differentiable(lse_all, stats)
@@ -128,12 +196,32 @@ class _ChunkedHead(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_total, *_):
         grad_h, grad_E = ctx.saved_tensors
-        return g_total * grad_h, g_total * grad_E, None, None, None, None, None, None, None
+        return g_total * grad_h, g_total * grad_E, None, None, None, None, None, None, None, None, None
+
+
+def _fused_chunk(fused: FusedKernels, raw, y, token_loss, N: int, want_grad: bool):
+    """One chunk through the compiled kernels: (lse, Σ ce, Σ penalty, stats (3,), gradient or None)."""
+    lt, slope_l, lse, lt_y, rows = fused.reduce(raw, y)
+    pen_sum, slope = torch.zeros((), device=raw.device), None
+    if token_loss is not None:
+        with torch.enable_grad():
+            lse_r = lse.detach().requires_grad_(want_grad)
+            pen = token_loss(lse_r).sum()
+        pen_sum = pen.detach()
+        if want_grad:
+            (slope,) = torch.autograd.grad(pen, lse_r)
+    st = torch.stack([rows[:, 0].double().sum(), rows[:, 1].double().sum(), rows[:, 2].max().double()])
+    g = None
+    if want_grad:
+        a = (1 + slope) / N if slope is not None else torch.full_like(lse, 1.0 / N)
+        g = fused.grad(lt, slope_l, y, lse, a, 1.0 / N)
+    return lse, (lse - lt_y).sum(), pen_sum, st, g
 
 
 def chunked_head(h: torch.Tensor, E: torch.Tensor, y: torch.Tensor, *, chunk: int = DEFAULT_CHUNK,
                  transform: Transform | None = None, token_loss: TokenLoss | None = None,
-                 precision: str = "fp32", stats: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 precision: str = "fp32", stats: bool = True, fused: FusedKernels | None = None,
+                 transform_with_slope: SlopeTransform | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The chunked loss head of N = B·T tokens.
 
     h: (..., H) final hidden states; E: (V, H) output embedding; y: (...,) int64 targets;
@@ -145,11 +233,16 @@ def chunked_head(h: torch.Tensor, E: torch.Tensor, y: torch.Tensor, *, chunk: in
     (gradients reach h and E); ce, penalty: detached scalars (means over tokens); lse: (...,)
     detached log Z per token; stats: float64 (3,) [Σ logits, Σ logits², max |logit|] over all
     N × V transformed logits (zeros when ``stats`` is False: three passes over the logits saved).
+    fused: compiled kernels (``FusedKernels``, built with the transform's ``transform_with_slope``) that
+    do each chunk's elementwise work in two fused passes; float32 chunks only (else unfused).
+    transform_with_slope: the same transform as ``transform`` giving (f(raw), f′(raw)) in plain tensor
+    ops; the unfused head then applies it without autograd (one multiplication by f′ in the gradient).
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1 tokens, got {chunk}")
     shape = y.shape
     want = torch.is_grad_enabled() and (h.requires_grad or E.requires_grad)
     total, ce, pen, lse, st = _ChunkedHead.apply(h.reshape(-1, h.shape[-1]), E, y.reshape(-1), chunk,
-                                                    transform, token_loss, precision, want, stats)
+                                                    transform, token_loss, precision, want, stats, fused,
+                                                    transform_with_slope)
     return total, ce.detach(), pen.detach(), lse.reshape(shape), st

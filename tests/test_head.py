@@ -187,3 +187,75 @@ def test_run_config_head_chunk_is_checked():
     from bench.errors import ConfigError
     with pytest.raises(ConfigError, match="head_chunk"):
         RunConfig(head_chunk=-1).check(machine=False)
+
+
+SLOPED = [name for name, _ in BUILTINS if type(make_stabilizer(name)).has_hook("transform_logits_with_slope")]
+
+
+@pytest.mark.parametrize("name", SLOPED)
+def test_a_transform_with_slope_is_the_transform_and_its_derivative(name):
+    """transform_logits_with_slope(l) = (transform_logits(l), d transform/dl), elementwise (float64,
+    logits far beyond a soft cap of 2 included)."""
+    stab = make_stabilizer(name, **dict(BUILTINS)[name])
+    logits = torch.linspace(-40, 40, 2001, dtype=torch.float64).reshape(3, 667).requires_grad_()
+    value, slope = stab.transform_logits_with_slope(logits.detach())
+    want = stab.transform_logits(logits)
+    (want_slope,) = torch.autograd.grad(want.sum(), logits)
+    torch.testing.assert_close(value, want.detach(), rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(slope, want_slope, rtol=1e-12, atol=1e-14)
+
+
+@dataclass(frozen=True)
+class Doubling(Stabilizer):
+    """l ← 2·l, with its slope: the head must use the slope form (no autograd graph over the logits)."""
+
+    name = "doubling"
+    calls = []  # noqa: RUF012 - a spy shared by the test
+
+    def transform_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("the chunked head took the autograd path although a slope was given")
+
+    def transform_logits_with_slope(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        Doubling.calls.append(logits.shape)
+        return 2 * logits, torch.full_like(logits, 2.0)
+
+
+def test_the_chunked_head_applies_a_transform_through_its_slope():
+    """Loss and gradients equal those of the logits 2·E·h by autograd, computed from the slope alone."""
+    torch.manual_seed(0)
+    h = torch.randn(10, 5, dtype=torch.float64, requires_grad=True)
+    E = torch.randn(13, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 13, (10,))
+    want = torch.nn.functional.cross_entropy(2 * (h @ E.T), y)
+    gh, gE = torch.autograd.grad(want, (h, E))
+    stab = Doubling()
+    total, *_ = chunked_head(h, E, y, chunk=4, transform=stab.transform_logits,
+                             transform_with_slope=stab.transform_logits_with_slope)
+    assert [tuple(s) for s in Doubling.calls] == [(4, 13), (4, 13), (2, 13)]  # once per chunk
+    torch.testing.assert_close(total, want.detach())
+    torch.testing.assert_close(torch.autograd.grad(total, (h, E)), (gh, gE))
+
+
+@pytest.mark.parametrize("name,hp", [("baseline", {}), ("zloss", {"lam": 0.3}), ("softcap", {"cap": 2.0})],
+                         ids=["baseline", "zloss", "softcap"])
+def test_compiled_fused_chunk_kernels_equal_the_eager_head(name, hp):
+    """The compiled two-pass kernels (CUDA runs' fused head; compiled here on the CPU) give the eager
+    head's loss, log Z, statistics and gradients in float32, chunks that do not divide the tokens."""
+    from bench.head import FusedKernels
+
+    stab = make_stabilizer(name, **hp)
+    cls = type(stab)
+    fused = FusedKernels(stab.transform_logits_with_slope if cls.has_hook("transform_logits") else None)
+    tok = stab.token_loss if cls.has_hook("token_loss") else None
+    tr = stab.transform_logits if cls.has_hook("transform_logits") else None
+    g = torch.Generator().manual_seed(0)
+    h = (3 * torch.randn(50, 16, generator=g)).requires_grad_()
+    E = torch.randn(300, 16, generator=g).requires_grad_()
+    y = torch.randint(0, 300, (50,), generator=g)
+    outs = []
+    for kernels in (None, fused):
+        total, ce, pen, lse, st = chunked_head(h, E, y, chunk=16, transform=tr, token_loss=tok, fused=kernels)
+        outs.append((total.detach(), ce, pen, lse, st, *torch.autograd.grad(total, (h, E))))
+    assert not fused.failed  # compiled and used: a fallback to the eager head would compare it with itself
+    for eager, compiled in zip(*outs):
+        torch.testing.assert_close(compiled, eager.to(compiled.dtype), rtol=2e-5, atol=2e-5)

@@ -181,7 +181,7 @@ def test_quick_sweep_shows_the_study_shape_on_a_cpu():
 
 def test_paper_sweep_is_the_reference_gpu_protocol():
     """Every value of the study's protocol (its nanoGPT fork's configs and train.py)."""
-    from bench.memory import estimate_step_bytes
+    from bench.memory import estimate_eval_bytes, estimate_step_bytes
 
     spec = load_spec(REPO / "sweeps" / "paper-wortsman.toml", check_data=False)  # shards live on the cluster
     points = expand(spec)
@@ -204,6 +204,8 @@ def test_paper_sweep_is_the_reference_gpu_protocol():
         # no early stopping: only a non-finite loss stops a run; the other rules only record
         assert (c.divergence.nonfinite, c.divergence.loss_above_L0, c.divergence.spike) == ("stop", "record", "record")
         assert estimate_step_bytes(c) < 80e9  # one step fits one 80 GB GPU by the memory estimate
+        assert estimate_eval_bytes(c) < 80e9  # and so does one evaluation pass
+        assert c.head_chunk > 0 and estimate_step_bytes(c) < 40 * 2**30  # chunked head: 3.7-33.9 GiB
     assert spec.execution.checkpoint_every > 0
 
 

@@ -68,6 +68,13 @@ class Stabilizer:
         """Map logits (B, T, V) to the logits the cross-entropy sees."""
         return logits
 
+    def transform_logits_with_slope(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Optional, for speed: (transform_logits(logits), its elementwise derivative), both (..., V),
+        in plain tensor ops. With it (and ``compile``), the chunked head fuses the transform into
+        its compiled passes; without it the transform runs through autograd. Must agree with
+        ``transform_logits`` (a test checks the built-in one)."""
+        raise NotImplementedError
+
     def token_loss(self, lse: torch.Tensor) -> torch.Tensor:
         """Per-token penalty of log Z: lse (..., T) float32 → a tensor of the same shape, whose
         mean over tokens is added to the loss (z-loss: λ·lse²). Runs inside the chunked head."""

@@ -16,6 +16,9 @@ def _tanh_of_quotient(x: torch.Tensor, cap) -> torch.Tensor:
     return torch.div(x, cap).mul_(2).sigmoid_().mul_(2).sub_(1)
 
 
+_ONE = torch.ones(())
+
+
 class _SoftCap(torch.autograd.Function):
     """c·tanh(l/c) with d/dl = 1 − tanh²(l/c): one transcendental pass forward, one fused
     pass backward (autograd's chain of div, tanh, mul would take three)."""
@@ -53,3 +56,9 @@ class SoftCap(Stabilizer):
 
     def transform_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return softcap(logits, self.cap)
+
+    def transform_logits_with_slope(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c·t, 1 − t²) with t = tanh(l/c): four passes over the logits in eager mode (divide, tanh in
+        place, scale, one addcmul for the slope), one fused pass when compiled."""
+        t = torch.div(logits, self.cap).tanh_()
+        return t * self.cap, torch.addcmul(_ONE.to(t), t, t, value=-1)
