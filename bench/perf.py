@@ -246,11 +246,13 @@ def stabilizer_overhead(base: RunConfig, data, rounds: int, steps: int, warmup_s
 
 def hook_time(s, y: torch.Tensor, reps: int = 20) -> float:
     """Median seconds of one step's stabilizer work, timed alone on the module ``s`` with targets y (B, T):
-    ``transform_logits`` forward + backward on (B, T, V) logits, ``token_loss`` and ``loss_term`` forward + backward
-    (its inputs as the trainer builds them; gradients land in throwaway tensors) and
-    ``apply_after_step`` on the model. Hooks a stabilizer does not override cost 0, as in the trainer."""
+    ``transform_logits`` forward + backward on (B, T, V) logits — as the trainer's head runs it: through
+    ``transform_logits_with_slope`` and one multiplication of the logit gradient by the slope where the
+    chunked head serves the stabilizer and it gives one, else through autograd —, ``token_loss`` and
+    ``loss_term`` forward + backward (its inputs as the trainer builds them; gradients land in throwaway
+    tensors) and ``apply_after_step`` on the model. Hooks a stabilizer does not override cost 0, as in the trainer."""
     from .stabilizers import LossInputs
-    from .train_module import apply_after_step
+    from .train_module import apply_after_step, uses_chunked_head
 
     stab, model, dev = s.stab, s.model, s.device
     has = {h: type(stab).has_hook(h) for h in ("transform_logits", "token_loss", "loss_term", "after_step")}
@@ -262,10 +264,16 @@ def hook_time(s, y: torch.Tensor, reps: int = 20) -> float:
     lse = torch.randn(B, T, device=dev, requires_grad=True)
     hidden = torch.randn(B, T, model.cfg.n_embd, device=dev, requires_grad=True)
     E = model.output_embedding.detach().clone().requires_grad_()
+    with_slope = (stab.transform_logits_with_slope if has["transform_logits"] and uses_chunked_head(stab, s.chunk)
+                  and type(stab).has_hook("transform_logits_with_slope") else None)
+    g_out = torch.empty_like(g)
 
     def hooks() -> None:
         out = logits
-        if has["transform_logits"]:
+        if with_slope is not None:
+            out, slope = with_slope(logits.detach())
+            torch.mul(g, slope, out=g_out)  # the head's g.mul_(f′) on its own buffer
+        elif has["transform_logits"]:
             out = stab.transform_logits(logits)
             out.backward(g)
         if has["token_loss"]:

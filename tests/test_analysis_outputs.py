@@ -195,6 +195,7 @@ def test_leaderboard_ranks_per_protocol_with_provenance_on_every_row(full, minim
     assert "| 1 | " in text and "zloss" in text
 
 
+@pytest.mark.skipif(not CSV.is_file(), reason=f"published results not found at {CSV}")
 def test_claims_writes_published_and_local_tables_and_a_verdict_per_claim(full, tmp_path, capsys):
     out = tmp_path / "claims.md"
     assert cli.main(["claims", str(full), "--lambda", str(full), "--compare", str(CSV), "--markdown", str(out)]) == 0

@@ -49,6 +49,7 @@ def test_validation_batches_are_fixed_and_come_from_the_held_out_tail():
     assert len(d.train[0]) + len(d.val[0]) == 30000 and len(d.val[0]) == 3000
 
 
+@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"shared text not found at {SHAKESPEARE} (../shared/data)")
 def test_text_data_trains_and_caches_a_bpe_tokenizer(tmp_path, monkeypatch):
     monkeypatch.setenv("STABENCH_CACHE", str(tmp_path))
     d = load_data(f"text:{SHAKESPEARE}", 600)

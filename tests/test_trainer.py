@@ -174,6 +174,7 @@ def _check_written(out: Path, n_runs: int):
     return runs.to_pandas(), curves.to_pandas()
 
 
+@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"shared text not found at {SHAKESPEARE} (../shared/data)")
 def test_synthetic_and_text_runs_finish_and_write_valid_parquet(tmp_path, monkeypatch):
     monkeypatch.setenv("STABENCH_CACHE", str(tmp_path / "cache"))
     for cfg in (tiny_config(), tiny_config(data=f"text:{SHAKESPEARE}", vocab_size=512)):

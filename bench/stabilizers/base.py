@@ -70,9 +70,10 @@ class Stabilizer:
 
     def transform_logits_with_slope(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Optional, for speed: (transform_logits(logits), its elementwise derivative), both (..., V),
-        in plain tensor ops. With it (and ``compile``), the chunked head fuses the transform into
-        its compiled passes; without it the transform runs through autograd. Must agree with
-        ``transform_logits`` (a test checks the built-in one)."""
+        in plain tensor ops. With it the chunked head applies the transform without an autograd graph
+        over the logits (the gradient is multiplied by the slope), and compiled CUDA runs fuse it into
+        the head's two compiled passes; without it the transform runs through autograd. Must agree
+        with ``transform_logits`` (tests/test_head.py checks the built-in one)."""
         raise NotImplementedError
 
     def token_loss(self, lse: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,6 @@ class SoftCap(Stabilizer):
 
     def transform_logits_with_slope(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(c·t, 1 − t²) with t = tanh(l/c): four passes over the logits in eager mode (divide, tanh in
-        place, scale, one addcmul for the slope), one fused pass when compiled."""
+        place, scale, the slope by one addcmul into t's own buffer), one fused pass when compiled."""
         t = torch.div(logits, self.cap).tanh_()
-        return t * self.cap, torch.addcmul(_ONE.to(t), t, t, value=-1)
+        return t * self.cap, torch.addcmul(_ONE.to(t), t, t, value=-1, out=t)
