@@ -58,7 +58,9 @@ class SoftCap(Stabilizer):
         return softcap(logits, self.cap)
 
     def transform_logits_with_slope(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(c·t, 1 − t²) with t = tanh(l/c): four passes over the logits in eager mode (divide, tanh in
-        place, scale, the slope by one addcmul into t's own buffer), one fused pass when compiled."""
-        t = torch.div(logits, self.cap).tanh_()
+        """(c·t, 1 − t²) with t = tanh(l/c), bit for bit what ``transform_logits`` and its backward
+        compute: t as ``_SoftCap`` forms it, and the slope by one addcmul into t's own buffer, which
+        times the gradient equals ATen's ``tanh_backward`` exactly (so runs trained before the chunked
+        head used the slope reproduce). One fused pass when compiled."""
+        t = _tanh_of_quotient(logits, self.cap)
         return t * self.cap, torch.addcmul(_ONE.to(t), t, t, value=-1, out=t)
