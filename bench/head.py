@@ -128,66 +128,25 @@ class _ChunkedHead(torch.autograd.Function):
         grad_E = torch.zeros(E.shape, dtype=acc, device=E.device) if want_grad else None
         for start in range(0, N, chunk):
             sl = slice(start, min(start + chunk, N))
-            yc = y[sl].unsqueeze(1)
             raw = _out(precision, hc[sl] @ Ec.T).to(acc)  # (n, V) logits of this chunk
+            done = None
             if fused is not None and not fused.failed and raw.dtype == torch.float32:
                 done = fused.run(_fused_chunk, fused, raw, y[sl], token_loss, N, want_grad)
-                if done is not None:
-                    lse, ce_c, pen_c, st, g = done
-                    ce_sum += ce_c
-                    pen_sum += pen_c
-                    lse_all[sl] = lse
-                    if want_stats:
-                        stats[:2] += st[:2]
-                        stats[2] = torch.maximum(stats[2], st[2])
-                    if want_grad:
-                        g = _out(precision, g).to(hc.dtype)
-                        grad_h[sl] = _out(precision, g @ Ec).to(h.dtype)
-                        grad_E.add_(g.T @ hc[sl])
-                    del raw, g
-                    continue
-            dlt = None  # f′(raw), when the transform gives its slope
-            if with_slope is not None:  # f(raw) and f′(raw) in plain tensor ops: no autograd graph
-                lt, dlt = with_slope(raw)
-            elif transform is not None:
-                with torch.enable_grad():
-                    raw.requires_grad_(want_grad)
-                    lt = transform(raw)
-            else:
-                lt = raw
-            lt_ = lt.detach()
+            if done is None:
+                done = _eager_chunk(raw, y[sl], transform, with_slope, token_loss, N, want_grad, want_stats)
+            lse, ce_c, pen_c, st, g = done
+            del raw, done
+            ce_sum += ce_c
+            pen_sum += pen_c
+            lse_all[sl] = lse
             if want_stats:
-                st = logit_stats(lt_)
                 stats[:2] += st[:2]
                 stats[2] = torch.maximum(stats[2], st[2])
-            logp = torch.log_softmax(lt_, dim=-1)  # (n, V)
-            logp_t = logp.gather(1, yc).squeeze(1)
-            lse = lt_.gather(1, yc).squeeze(1) - logp_t  # log Z per token, (n,)
-            ce_sum += -logp_t.sum()
-            lse_all[sl] = lse
-            slope = None  # ∂penalty/∂lse per token
-            if token_loss is not None:
-                with torch.enable_grad():
-                    lse_r = lse.detach().requires_grad_(want_grad)
-                    pen = token_loss(lse_r).sum()
-                pen_sum += pen.detach()
-                if want_grad:
-                    (slope,) = torch.autograd.grad(pen, lse_r)
-            if not want_grad:
-                del raw, lt, lt_, logp, dlt
-                continue
-            # ∂(ce + penalty)/∂l = softmax(l)·(1 + ∂pen/∂lse) − onehot(y); the mean over N tokens: / N
-            g = logp.exp_()  # softmax, in place of the log-softmax
-            g.mul_(((1 + slope) / N).unsqueeze(1) if slope is not None else 1.0 / N)
-            g.scatter_add_(1, yc, torch.full_like(logp_t, -1.0 / N).unsqueeze(1))
-            if dlt is not None:
-                g.mul_(dlt)  # chain rule through the elementwise transform: ∂/∂raw = ∂/∂l · f′(raw)
-            elif transform is not None:
-                (g,) = torch.autograd.grad(lt, raw, g)  # through the elementwise transform
-            g = _out(precision, g).to(hc.dtype)
-            grad_h[sl] = _out(precision, g @ Ec).to(h.dtype)  # (n, H)
-            grad_E.add_(g.T @ hc[sl])  # (V, H)
-            del raw, lt, lt_, logp, g, dlt  # freed before the next chunk's logits: one chunk alive at a time
+            if g is not None:
+                g = _out(precision, g).to(hc.dtype)
+                grad_h[sl] = _out(precision, g @ Ec).to(h.dtype)  # (n, H)
+                grad_E.add_(g.T @ hc[sl])  # (V, H)
+            del g  # freed before the next chunk's logits: one chunk alive at a time
         if want_grad:
             ctx.save_for_backward(grad_h, _out(precision, grad_E).to(E.dtype))
         ctx.mark_non_differentiable(lse_all, stats)
@@ -199,17 +158,55 @@ class _ChunkedHead(torch.autograd.Function):
         return g_total * grad_h, g_total * grad_E, None, None, None, None, None, None, None, None, None
 
 
+def _penalty(token_loss: TokenLoss | None, lse: torch.Tensor, want_grad: bool):
+    """Σ token_loss(lse) over a chunk's tokens (a detached scalar) and ∂penalty/∂lse per token (None
+    without a token loss or a gradient)."""
+    if token_loss is None:
+        return torch.zeros((), dtype=lse.dtype, device=lse.device), None
+    with torch.enable_grad():
+        lse_r = lse.detach().requires_grad_(want_grad)
+        pen = token_loss(lse_r).sum()
+    slope = torch.autograd.grad(pen, lse_r)[0] if want_grad else None
+    return pen.detach(), slope
+
+
+def _eager_chunk(raw, y, transform, with_slope, token_loss, N: int, want_grad: bool, want_stats: bool):
+    """One chunk of raw logits (n, V) in plain tensor ops: (lse (n,), Σ ce, Σ penalty, stats (3,) or
+    None, ∂loss/∂raw (n, V) or None). The transform goes through its slope when ``with_slope`` is
+    given, else through autograd."""
+    yc = y.unsqueeze(1)
+    dlt = None  # f′(raw), when the transform gives its slope
+    if with_slope is not None:  # f(raw) and f′(raw) in plain tensor ops: no autograd graph
+        lt, dlt = with_slope(raw)
+    elif transform is not None:
+        with torch.enable_grad():
+            raw.requires_grad_(want_grad)
+            lt = transform(raw)
+    else:
+        lt = raw
+    lt_ = lt.detach()
+    st = logit_stats(lt_) if want_stats else None
+    logp = torch.log_softmax(lt_, dim=-1)  # (n, V)
+    logp_t = logp.gather(1, yc).squeeze(1)
+    lse = lt_.gather(1, yc).squeeze(1) - logp_t  # log Z per token, (n,)
+    pen_sum, slope = _penalty(token_loss, lse, want_grad)  # slope: ∂penalty/∂lse per token
+    if not want_grad:
+        return lse, -logp_t.sum(), pen_sum, st, None
+    # ∂(ce + penalty)/∂l = softmax(l)·(1 + ∂pen/∂lse) − onehot(y); the mean over N tokens: / N
+    g = logp.exp_()  # softmax, in place of the log-softmax
+    g.mul_(((1 + slope) / N).unsqueeze(1) if slope is not None else 1.0 / N)
+    g.scatter_add_(1, yc, torch.full_like(logp_t, -1.0 / N).unsqueeze(1))
+    if dlt is not None:
+        g.mul_(dlt)  # chain rule through the elementwise transform: ∂/∂raw = ∂/∂l · f′(raw)
+    elif transform is not None:
+        (g,) = torch.autograd.grad(lt, raw, g)  # through the elementwise transform
+    return lse, -logp_t.sum(), pen_sum, st, g
+
+
 def _fused_chunk(fused: FusedKernels, raw, y, token_loss, N: int, want_grad: bool):
     """One chunk through the compiled kernels: (lse, Σ ce, Σ penalty, stats (3,), gradient or None)."""
     lt, slope_l, lse, lt_y, rows = fused.reduce(raw, y)
-    pen_sum, slope = torch.zeros((), device=raw.device), None
-    if token_loss is not None:
-        with torch.enable_grad():
-            lse_r = lse.detach().requires_grad_(want_grad)
-            pen = token_loss(lse_r).sum()
-        pen_sum = pen.detach()
-        if want_grad:
-            (slope,) = torch.autograd.grad(pen, lse_r)
+    pen_sum, slope = _penalty(token_loss, lse, want_grad)
     st = torch.stack([rows[:, 0].double().sum(), rows[:, 1].double().sum(), rows[:, 2].max().double()])
     g = None
     if want_grad:

@@ -252,7 +252,7 @@ def hook_time(s, y: torch.Tensor, reps: int = 20) -> float:
     ``loss_term`` forward + backward (its inputs as the trainer builds them; gradients land in throwaway
     tensors) and ``apply_after_step`` on the model. Hooks a stabilizer does not override cost 0, as in the trainer."""
     from .stabilizers import LossInputs
-    from .train_module import apply_after_step, uses_chunked_head
+    from .train_module import apply_after_step, transform_with_slope, uses_chunked_head
 
     stab, model, dev = s.stab, s.model, s.device
     has = {h: type(stab).has_hook(h) for h in ("transform_logits", "token_loss", "loss_term", "after_step")}
@@ -264,9 +264,8 @@ def hook_time(s, y: torch.Tensor, reps: int = 20) -> float:
     lse = torch.randn(B, T, device=dev, requires_grad=True)
     hidden = torch.randn(B, T, model.cfg.n_embd, device=dev, requires_grad=True)
     E = model.output_embedding.detach().clone().requires_grad_()
-    with_slope = (stab.transform_logits_with_slope if has["transform_logits"] and uses_chunked_head(stab, s.chunk)
-                  and type(stab).has_hook("transform_logits_with_slope") else None)
-    g_out = torch.empty_like(g)
+    with_slope = transform_with_slope(stab) if uses_chunked_head(stab, s.chunk) else None
+    g_out = torch.empty_like(g) if with_slope is not None else None
 
     def hooks() -> None:
         out = logits

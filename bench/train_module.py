@@ -21,7 +21,7 @@ import torch
 
 from . import runtime
 from .config import RunConfig
-from .head import FusedKernels, chunked_head, logit_stats
+from .head import FusedKernels, SlopeTransform, chunked_head, logit_stats
 from .model import GPT
 from .precision import param_dtype, precision_context, resolve_precision
 from .stabilizers import LossInputs, Stabilizer, make_stabilizer
@@ -85,12 +85,20 @@ def fused_kernels(stab: Stabilizer, chunk: int, compile_: bool, device: torch.de
     is fused only through ``transform_logits_with_slope`` (without one: None, the unfused head).
     None on CPU: there the eager head is faster than inductor's kernels (``micro`` head, 512 × 8192
     logits, one thread: 17.5 vs 19.1 ms without a transform, 24.6 vs 27.6 ms with soft-capping)."""
-    cls = type(stab)
     if not (compile_ and device.type == "cuda" and uses_chunked_head(stab, chunk)):
         return None
-    if cls.has_hook("transform_logits"):
-        return FusedKernels(stab.transform_logits_with_slope) if cls.has_hook("transform_logits_with_slope") else None
+    if type(stab).has_hook("transform_logits"):
+        slope = transform_with_slope(stab)
+        return FusedKernels(slope) if slope is not None else None
     return FusedKernels()
+
+
+def transform_with_slope(stab: Stabilizer) -> SlopeTransform | None:
+    """``stab.transform_logits_with_slope`` where it transforms the logits and gives that hook, else None:
+    what the chunked head applies without autograd."""
+    cls = type(stab)
+    ok = cls.has_hook("transform_logits") and cls.has_hook("transform_logits_with_slope")
+    return stab.transform_logits_with_slope if ok else None
 
 
 def uses_chunked_head(stab: Stabilizer, chunk: int) -> bool:
@@ -118,10 +126,9 @@ def stabilized_loss(model: GPT, stab: Stabilizer, x: torch.Tensor, y: torch.Tens
     if uses_chunked_head(stab, chunk):
         with autocast:
             hidden = (features or model.features)(x)
-        slope = stab.transform_logits_with_slope if transform and cls.has_hook("transform_logits_with_slope") else None
         total, ce, pen, lse, st = chunked_head(hidden, E, y, chunk=chunk, transform=transform, token_loss=tok,
                                                precision=precision, stats=stats, fused=fused,
-                                               transform_with_slope=slope)
+                                               transform_with_slope=transform_with_slope(stab))
         reg = pen
         if term is not None:
             extra = term(None, None, hidden, E)
