@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -123,17 +124,27 @@ def _quantile(xs: list[float], q: float) -> float:
     return xs[min(int(q * len(xs)), len(xs) - 1)]
 
 
+def previous_path(cfg: RunConfig) -> dict[str, Any]:
+    """The settings of the training step before the chunked head and CPU-fused AdamW (the kernels the
+    committed CPU results were trained with): the unchunked head, and on CPU AdamW's foreach path
+    (CUDA runs had the fused kernel already)."""
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    return {"head_chunk": 0} if cuda else {"head_chunk": 0, "adamw": "foreach"}
+
+
 def preset_row(cfg: RunConfig, data, steps: int, warmup_steps: int, peak: float, rounds: int = 3) -> dict[str, Any]:
-    """Step time of ``cfg`` (its head_chunk) and of the unchunked head (today's ``head_chunk = 0``, the
-    path before the chunked head) interleaved in ``rounds`` rounds, the first step's time (compile
-    included when compiled), and the peak memory of one step of each, measured and estimated."""
+    """Step time of ``cfg`` (its head_chunk) and of the previous path (``previous_path``: the unchunked
+    head, and on CPU AdamW's foreach path) interleaved in ``rounds`` rounds, the first step's time
+    (compile included when compiled), and the peak memory of one step of each, measured and estimated.
+    The ``*_unchunked`` fields are the previous path's."""
     from .memory import estimate_step_bytes, measure_peak_bytes
 
     t0 = time.perf_counter()
     timer = StepTimer(cfg, data)
     first = timer.run(1)[0]
     setup = time.perf_counter() - t0 - first
-    old = StepTimer(cfg.replace(head_chunk=0), data) if cfg.head_chunk else None
+    before = previous_path(cfg)
+    old = StepTimer(cfg.replace(**before), data) if cfg.head_chunk or cfg.adamw != before.get("adamw", cfg.adamw) else None
     for t in (timer, old):
         if t is not None:
             t.run(warmup_steps)
@@ -160,10 +171,10 @@ def preset_row(cfg: RunConfig, data, steps: int, warmup_steps: int, peak: float,
            "first_step_s": first, "setup_s": setup, "compile_s": max(first - step, 0.0) if cfg.compile else None,
            "peak_memory_bytes": peak_mem, "estimated_memory_bytes": estimate_step_bytes(cfg),
            "step_time_unchunked_s": statistics.median(times_old) if times_old else step,
-           "unchunked_over_chunked": statistics.median(ratios) if ratios else 1.0}
+           "unchunked_over_chunked": statistics.median(ratios) if ratios else 1.0, "previous_path": before}
     if old is not None:
         row["peak_memory_unchunked_bytes"] = measure_peak_bytes(lambda: old.run(1), old.s.device)
-        row["estimated_memory_unchunked_bytes"] = estimate_step_bytes(cfg.replace(head_chunk=0))
+        row["estimated_memory_unchunked_bytes"] = estimate_step_bytes(cfg.replace(**before))
     else:
         row["peak_memory_unchunked_bytes"], row["estimated_memory_unchunked_bytes"] = peak_mem, row["estimated_memory_bytes"]
     return row
@@ -438,8 +449,9 @@ def format_table(result: dict[str, Any]) -> str:
         out.append(f"{r['preset']:8} {r['n_params']:>10,} {r['precision']:>5} {r['step_time_s'] * 1e3:>8.1f} "
                    f"{r['step_time_p10_s'] * 1e3:>6.1f}-{r['step_time_p90_s'] * 1e3:<6.1f} {r['tokens_per_s']:>10.0f} "
                    f"{r['achieved_flops'] / 1e9:>8.1f} {r['mfu']:>6.1%}")
-    out += ["", f"{'preset':8} {'head_chunk':>10} {'unchunked ms':>13} {'speedup':>8} {'peak MiB':>9} "
-                f"{'unchunked MiB':>14} {'estimate MiB':>13} {'compile s':>10}"]
+    out += ["", "previous path: the unchunked head (head_chunk = 0), on CPU with AdamW's foreach path",
+            f"{'preset':8} {'head_chunk':>10} {'previous ms':>13} {'speedup':>8} {'peak MiB':>9} "
+            f"{'previous MiB':>14} {'estimate MiB':>13} {'compile s':>10}"]
     for r in result["presets"]:
         mem = lambda b: f"{b / 2**20:,.0f}" if b is not None else "n/a"  # noqa: E731
         comp = f"{r['compile_s']:.1f}" if r.get("compile_s") is not None else "-"
@@ -484,12 +496,15 @@ def format_markdown(result: dict[str, Any]) -> str:
             f"{r['step_time_p10_s'] * 1e3:.1f}–{r['step_time_p90_s'] * 1e3:.1f} | {r['tokens_per_s']:.0f} | "
             f"{r['achieved_flops'] / 1e9:.1f} | {r['mfu']:.0%} |" for r in result["presets"]]
     mib = lambda b: f"{b / 2**20:,.0f}" if b is not None else "n/a"  # noqa: E731
-    out += ["", "The loss head in chunks of `head_chunk` tokens against the unchunked head (`head_chunk = 0`, the "
-                "path before it), interleaved in one process; peak memory of one training step above what the "
+    before = result["presets"][0].get("previous_path", {"head_chunk": 0}) if result["presets"] else {"head_chunk": 0}
+    settings = ", ".join(f'`{k} = {json.dumps(v)}`' for k, v in before.items())
+    words = "the unchunked head" + (", AdamW's foreach path: the kernels of the committed CPU results" if "adamw" in before else "")
+    out += ["", f"The training step (loss head in chunks of `head_chunk` tokens) against the previous path ({settings}: "
+                f"{words}), interleaved in one process; peak memory of one training step above what the "
                 "process held before it (CPU: peak resident set; CUDA: `max_memory_allocated`) and by "
                 "`bench.memory.estimate_step_bytes`:", "",
-            "| preset | head_chunk | step (ms) | unchunked step (ms) | unchunked / chunked | peak MiB | "
-            "unchunked peak MiB | estimate MiB | unchunked estimate MiB | compile (s) |",
+            "| preset | head_chunk | step (ms) | previous step (ms) | previous / now | peak MiB | "
+            "previous peak MiB | estimate MiB | previous estimate MiB | compile (s) |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     out += [f"| `{r['preset']}` | {r['head_chunk']} | {r['step_time_s'] * 1e3:.1f} | {r['step_time_unchunked_s'] * 1e3:.1f} | "
             f"{r['unchunked_over_chunked']:.2f}× | {mib(r['peak_memory_bytes'])} | {mib(r['peak_memory_unchunked_bytes'])} | "

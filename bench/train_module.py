@@ -154,7 +154,7 @@ def apply_after_step(model: GPT, stab: Stabilizer) -> None:
 
 
 class SingleModule:
-    """K = 1: one GPT trained by torch's AdamW (fused on CUDA, foreach on CPU)."""
+    """K = 1: one GPT trained by torch's AdamW (its fused kernel, or its foreach path: ``cfg.adamw``)."""
 
     def __init__(self, cfg: RunConfig):
         runtime.set_threads(cfg.threads)
@@ -170,11 +170,9 @@ class SingleModule:
         self.model = GPT(cfg.model_config()).to(self.device, param_dtype(self.precision))
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
-        cuda = self.device.type == "cuda"
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                       {"params": no_decay, "weight_decay": 0.0}],
-                                     lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                     fused=cuda, foreach=None if cuda else True)
+                                     lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **self._kernel())
         self.fwd = torch.compile(self.model) if cfg.compile else self.model
         self.chunk = cfg.head_chunk
         self.features = torch.compile(self.model.features) if cfg.compile else None
@@ -223,9 +221,13 @@ class SingleModule:
     def load_state_dict(self, state):
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
-        cuda = self.device.type == "cuda"
-        for group in self.opt.param_groups:  # the kernels of this machine, not of the one that saved it
-            group["fused"], group["foreach"] = cuda, None if cuda else True
+        for group in self.opt.param_groups:  # this run's kernel, not the one of the run that saved it
+            group.update(self._kernel())
+
+    def _kernel(self) -> dict[str, bool | None]:
+        """AdamW's keyword arguments for ``cfg.adamw``: its fused kernel or its multi-tensor path."""
+        fused = self.cfg.adamw == "fused"
+        return {"fused": fused, "foreach": None if fused else True}
 
 
 def build_module(cfgs: list[RunConfig]) -> TrainModule:

@@ -50,7 +50,7 @@ def test_every_stabilizer_trains_in_bf16_autocast_with_the_fused_optimizer(name,
     c = cfg(stabilizer=name, hparams=hp, weight_tying=tied)
     module = SingleModule(c)
     assert module.precision == "bf16" and module.device.type == DEVICE
-    assert module.opt.param_groups[0]["fused"] is (DEVICE == "cuda")  # fused AdamW on CUDA
+    assert module.opt.param_groups[0]["fused"] is True  # fused AdamW (the default on every device)
     from bench.trainer import train_members
     (res,) = train_members([c], module=module)
     r = res.run
@@ -101,3 +101,18 @@ def test_a_run_resumes_from_its_checkpoint_on_the_device(tmp_path):
     assert not ckpt.exists()
     assert resumed.run["steps_done"] == 20
     assert resumed.run["final_loss"] == pytest.approx(full.run["final_loss"], rel=BF16_FINAL)
+
+
+def test_the_chunked_head_on_the_device_keeps_an_underflowing_target_exact():
+    """The device's branch of the head's underflow guard (``torch.where``, no host sync): a target
+    150 nats below its row's logits has fp32 probability 0, yet its loss equals float64's."""
+    from bench.head import chunked_head
+
+    torch.manual_seed(0)
+    h, E = torch.randn(8, 4, dtype=torch.float64), torch.randn(64, 4, dtype=torch.float64)
+    y = torch.randint(0, 64, (8,))
+    E[y[0]] = -150 * h[0] / h[0].norm() ** 2
+    want = chunked_head(h, E, y, chunk=3)
+    got = chunked_head(h.float().to(DEVICE), E.float().to(DEVICE), y.to(DEVICE), chunk=3)
+    assert float(got[1]) == pytest.approx(float(want[1]), rel=1e-6)
+    torch.testing.assert_close(got[3].double().cpu(), want[3], rtol=1e-6, atol=1e-5)

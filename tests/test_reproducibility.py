@@ -1,8 +1,9 @@
 """The committed study results are reproducible by the code on main.
 
 One point of ``results/cpu-repro`` (micro, μ-centering, tied: the hook and the tying path) is
-re-trained from the ``config`` recorded in its run row for its first 30 steps, and its curve
-must match the committed one.
+re-trained from the ``config`` recorded in its run row (read by ``from_stored``, which gives a
+record from before ``adamw`` existed the kernels it was trained with: AdamW's foreach path and the
+unchunked head) for its first 30 steps, and its curve must match the committed one.
 
 On the CPU model and vector ISA that produced the results (the run row's ``device``, one thread) the rerun is
 bit-identical, and the tolerance is 1e-3 relative on four columns. The run uses bf16-emu, where
@@ -26,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from bench.config import from_dict
+from bench.config import from_stored
 from bench.provenance import device_name
 from bench.trainer import train
 
@@ -48,7 +49,8 @@ def test_a_committed_cpu_repro_point_is_reproduced_by_main(tmp_path):
     row = runs.loc[(runs[list(point)] == pd.Series(point)).all(axis=1)]
     assert len(row) == 1, f"results/cpu-repro must hold the point {point} exactly once"
     row = row.iloc[0]
-    cfg = from_dict(json.loads(row["config"]))
+    cfg = from_stored(json.loads(row["config"]))
+    assert (cfg.adamw, cfg.head_chunk) == ("foreach", 0)  # the kernels of that time, not today's defaults
     assert cfg.key() == row["run_id"]  # the recorded config still describes the same run
 
     ckpt = tmp_path / "point.pt"

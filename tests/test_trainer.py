@@ -129,18 +129,6 @@ def test_evaluation_in_micro_batches_equals_the_whole_batch_evaluation():
         assert parts[k] == pytest.approx(whole[k], rel=1e-6), k
 
 
-def test_a_resumed_optimizer_takes_this_machines_kernels_not_the_saving_ones():
-    """A checkpoint saved on CUDA (fused AdamW) resumes on a CPU with foreach, not fused."""
-    from bench.train_module import SingleModule
-
-    m = SingleModule(tiny_config())
-    state = m.state_dict()
-    for group in state["optimizer"]["param_groups"]:
-        group["fused"], group["foreach"] = True, None  # as a CUDA module saves it
-    m.load_state_dict(state)
-    assert all(g["fused"] is False and g["foreach"] is True for g in m.opt.param_groups)
-
-
 def test_the_final_evaluation_uses_final_eval_batches():
     a = train(tiny_config(final_eval_batches=2)).run  # eval_batches = 2: the same evaluation
     b = train(tiny_config(final_eval_batches=5)).run

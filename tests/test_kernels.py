@@ -1,0 +1,104 @@
+"""The training step's kernels: AdamW's fused kernel or its foreach path (``RunConfig.adamw``), the
+loss head's softmax formulation, and the records that say which kernels trained them.
+
+Today's defaults (fused AdamW, the chunked head) round differently from the kernels the committed
+CPU results were trained with (AdamW's foreach path, the unchunked log-softmax head). A stored
+config from before ``adamw`` existed therefore reads with those kernels (``from_stored``), and the
+sweep file of every committed result pins them, so re-running it reproduces its bits on its CPU.
+"""
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from bench.config import RunConfig, from_dict, from_stored, upgrade_stored
+from bench.head import P_TARGET_FLOOR, chunked_head
+from bench.train_module import SingleModule
+
+from helpers import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_stored_config_from_before_adamw_reads_with_the_kernels_of_that_time():
+    old = RunConfig().to_dict()
+    del old["adamw"]
+    cfg = from_stored(old)
+    assert (cfg.adamw, cfg.head_chunk) == ("foreach", 0)
+    assert cfg.key() == RunConfig().key()  # kernels are execution fields: the same run
+    assert from_stored(RunConfig().to_dict()) == RunConfig()  # today's configs pass unchanged
+    assert upgrade_stored({"adamw": "fused", "head_chunk": 64})["head_chunk"] == 64
+
+
+def test_every_committed_result_is_pinned_by_its_sweep_file_to_the_kernels_it_was_trained_with():
+    sweeps = {}
+    for path in sorted((ROOT / "sweeps").rglob("*.toml")):
+        spec = tomllib.loads(path.read_text())
+        sweeps[spec["name"]] = spec.get("train", {})
+    checked = 0
+    for runs_file in sorted((ROOT / "results").glob("*/runs.parquet")):
+        runs = pd.read_parquet(runs_file, columns=["sweep", "config"])
+        for name, config in runs.groupby("sweep")["config"].first().items():
+            if name not in sweeps:
+                continue  # results of a command, not of a sweep file (e.g. precision-tax)
+            stored = from_stored(json.loads(config))
+            rerun = from_dict({**RunConfig().to_dict(), **sweeps[name]})
+            assert (rerun.adamw, rerun.head_chunk) == (stored.adamw, stored.head_chunk), \
+                f"sweeps for {name} must set adamw = {stored.adamw!r} and head_chunk = {stored.head_chunk}"
+            checked += 1
+    assert checked >= 5  # cpu-repro, cpu-lambda, cpu-long and the regime searches
+
+
+@pytest.mark.parametrize("kernel, fused", [("fused", True), ("foreach", False)])
+def test_adamw_runs_the_kernel_the_config_names_also_after_resuming(kernel, fused):
+    cfg = tiny_config(adamw=kernel, device="cpu")
+    module = SingleModule(cfg)
+    assert all(g["fused"] is fused for g in module.opt.param_groups)
+    other = SingleModule(cfg.replace(adamw="foreach" if fused else "fused"))
+    other.train_batch(*_batch(cfg), [1e-3], stats=False)
+    module.load_state_dict(other.state_dict())  # a checkpoint written with the other kernel
+    assert all(g["fused"] is fused and g["foreach"] is (None if fused else True) for g in module.opt.param_groups)
+
+
+def test_fused_and_foreach_adamw_train_the_same_run_up_to_rounding():
+    losses = {}
+    for kernel in ("fused", "foreach"):
+        cfg = tiny_config(adamw=kernel, device="cpu", precision="fp32")
+        module = SingleModule(cfg)
+        x, y = _batch(cfg)
+        losses[kernel] = [float(module.train_batch(x, y, [3e-3], stats=False)[0][0, 0]) for _ in range(20)]
+    assert losses["fused"][-1] < losses["fused"][0] - 0.1  # it trains
+    assert losses["fused"] == pytest.approx(losses["foreach"], rel=1e-4)
+
+
+def _batch(cfg):
+    g = torch.Generator().manual_seed(0)
+    shape = (cfg.batch_size, cfg.seq_len)
+    return torch.randint(0, cfg.vocab_size, shape, generator=g), torch.randint(0, cfg.vocab_size, shape, generator=g)
+
+
+@pytest.mark.parametrize("chunk", [3, 1024])
+def test_a_target_whose_probability_underflows_keeps_a_finite_exact_loss(chunk):
+    """A diverging run's logits: the target sits 150 nats below the row's top logit, so its fp32
+    softmax probability is 0 (below ``P_TARGET_FLOOR``); its cross-entropy and log Z still equal
+    float64's, and the ordinary tokens beside it are unchanged."""
+    torch.manual_seed(0)
+    N, H, V = 8, 4, 64
+    h = torch.randn(N, H, dtype=torch.float64)
+    E = torch.randn(V, H, dtype=torch.float64)
+    y = torch.randint(0, V, (N,))
+    E[y[0]] = -150 * h[0] / h[0].norm() ** 2  # l[y0] = E[y0]·h0 = -150
+    logits = h @ E.T
+    assert math.exp(float(logits[0, y[0]] - logits[0].logsumexp(0))) < P_TARGET_FLOOR
+    _, ce64, _, lse64, _ = chunked_head(h, E, y, chunk=chunk)
+    _, ce32, _, lse32, _ = chunked_head(h.float(), E.float(), y, chunk=chunk)
+    assert torch.isfinite(lse32).all() and math.isfinite(float(ce32))
+    torch.testing.assert_close(lse32.double(), lse64, rtol=1e-6, atol=1e-5)
+    assert float(ce32) == pytest.approx(float(ce64), rel=1e-6)
+    assert float(ce64) > 150 / N  # the token's loss counts in full
