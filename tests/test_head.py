@@ -261,11 +261,16 @@ def test_compiled_fused_chunk_kernels_equal_the_eager_head(name, hp):
         torch.testing.assert_close(compiled, eager.to(compiled.dtype), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("slow_tanh", [False, True], ids=["tanh", "sigmoid-form"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16-emu"])
-def test_soft_capping_through_its_slope_is_bit_identical_to_autograd(precision):
+def test_soft_capping_through_its_slope_is_bit_identical_to_autograd(precision, slow_tanh, monkeypatch):
     """The slope path changes no bit of the loss, log Z or gradients against autograd through
-    ``transform_logits`` (the path the committed soft-capping results were trained on): a bf16-emu
-    run amplifies a last-bit difference into a different trajectory within 20 steps."""
+    ``transform_logits`` (the unchunked head's path, on which the committed soft-capping results were
+    trained): a bf16-emu run amplifies a last-bit difference into a different trajectory within 20
+    steps. Both forms of tanh: ATen's, and the sigmoid form used where the CPU's tanh is slow (AVX2)."""
+    from bench.stabilizers import softcap as module
+
+    monkeypatch.setattr(module, "_slow_cpu_tanh", lambda: slow_tanh)
     stab = make_stabilizer("softcap", cap=3.0)
     g = torch.Generator().manual_seed(0)
     h = (2 * torch.randn(40, 16, generator=g)).requires_grad_()
