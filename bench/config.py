@@ -432,20 +432,36 @@ def from_dict(d: dict[str, Any], source: str | None = None) -> RunConfig:
 def upgrade_stored(d: dict[str, Any]) -> dict[str, Any]:
     """A config dict as an older stabench stored it (runs.parquet ``config``, a trial's attribute), in
     today's fields: no ``arch_version`` → 1 (the model before issue 14); ``divergence.stop_on_spike``
-    → ``divergence.spike`` (``stop`` / ``record``); no ``adamw`` → the kernels a run had before it
-    (``adamw = "foreach"``, ``head_chunk = 0``: the log-softmax head, bit for bit what a one-chunk
-    chunked head of that time computed), so that re-training a stored config reproduces its bits.
-    Today's dicts pass unchanged."""
+    → ``divergence.spike`` (``stop`` / ``record``); no ``adamw`` → the kernels the run had before it
+    (``_kernels_before_adamw``). Today's dicts pass unchanged."""
     out = dict(d)
     out.setdefault("arch_version", 1)
     if "adamw" not in out:
-        out.update(adamw="foreach", head_chunk=0)
+        out.update(_kernels_before_adamw(out))
     div = out.get("divergence")
     if isinstance(div, dict) and "stop_on_spike" in div:
         div = dict(div)
         div.setdefault("spike", "stop" if div.pop("stop_on_spike") else "record")
         out["divergence"] = div
     return out
+
+
+def _kernels_before_adamw(d: dict[str, Any]) -> dict[str, Any]:
+    """``adamw`` and ``head_chunk`` as a stabench from before ``adamw`` ran the stored config ``d``, so
+    that re-training it reproduces its bits where it can: AdamW fused on CUDA, foreach on CPU; and on
+    CPU the unchunked head (``head_chunk = 0``) where the run had it (no ``head_chunk``: before the
+    chunked head) or where one chunk held a whole micro-batch (that head was then bit for bit the
+    unchunked one). A head that took several chunks, and every CUDA run, keep their chunks: the
+    unchunked head's memory could not hold them."""
+    device = d.get("device", "auto")
+    if device == "auto":
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        return {"adamw": "fused"}
+    tokens = (d.get("micro_batch_size") or d.get("batch_size", 0)) * d.get("seq_len", 0)
+    chunk = d.get("head_chunk")
+    return {"adamw": "foreach", **({"head_chunk": 0} if chunk is None or chunk >= tokens else {})}
 
 
 def from_stored(d: dict[str, Any], source: str | None = None) -> RunConfig:

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
-from bench.config import RunConfig, from_dict, from_stored, upgrade_stored
+from bench.config import DEFAULT_HEAD_CHUNK, RunConfig, from_dict, from_stored, upgrade_stored
 from bench.head import P_TARGET_FLOOR, chunked_head
 from bench.train_module import SingleModule
 
@@ -26,14 +26,26 @@ from helpers import tiny_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_a_stored_config_from_before_adamw_reads_with_the_kernels_of_that_time():
+@pytest.mark.parametrize("stored, kernels", [
+    ({"device": "cpu"}, ("foreach", 0)),  # before the chunked head: unchunked
+    ({"device": "cpu", "head_chunk": 1024}, ("foreach", 0)),  # one chunk held 8 x 64 tokens: as unchunked
+    ({"device": "cpu", "head_chunk": 1024, "batch_size": 32}, ("foreach", 1024)),  # several chunks: kept
+    ({"device": "cpu", "head_chunk": 64, "micro_batch_size": 1}, ("foreach", 0)),  # 64 tokens per pass
+    ({"device": "cuda", "head_chunk": 1024, "batch_size": 64, "seq_len": 2048}, ("fused", 1024)),  # a GPU run
+], ids=["cpu-unchunked", "cpu-one-chunk", "cpu-chunks", "cpu-micro-batches", "cuda"])
+def test_a_stored_config_from_before_adamw_reads_with_the_kernels_that_trained_it(stored, kernels):
+    old = {k: v for k, v in RunConfig().to_dict().items() if k not in ("adamw", "head_chunk")}
+    old.update(stored)
+    upgraded = upgrade_stored(old)
+    assert (upgraded["adamw"], upgraded.get("head_chunk", DEFAULT_HEAD_CHUNK)) == kernels
+
+
+def test_todays_stored_configs_read_unchanged_and_kernels_never_change_the_key():
+    assert from_stored(RunConfig().to_dict()) == RunConfig()
+    assert upgrade_stored({"adamw": "fused", "head_chunk": 64, "device": "cpu"})["head_chunk"] == 64
     old = RunConfig().to_dict()
     del old["adamw"]
-    cfg = from_stored(old)
-    assert (cfg.adamw, cfg.head_chunk) == ("foreach", 0)
-    assert cfg.key() == RunConfig().key()  # kernels are execution fields: the same run
-    assert from_stored(RunConfig().to_dict()) == RunConfig()  # today's configs pass unchanged
-    assert upgrade_stored({"adamw": "fused", "head_chunk": 64})["head_chunk"] == 64
+    assert from_stored(old).key() == RunConfig().key()  # execution fields: the same run
 
 
 def test_every_committed_result_is_pinned_by_its_sweep_file_to_the_kernels_it_was_trained_with():
