@@ -31,6 +31,14 @@ than with 1024; at 16M (H = 224, V = 50,304) within the noise of 1024 and 512 (0
 GPU sweeps set their own (``sweeps/paper-wortsman.toml``: 1024)."""
 
 
+def machine_device(device: str) -> str:
+    """``device`` as this machine runs it: "auto" → "cuda" where CUDA is available, else "cpu"; others as given."""
+    if device != "auto":
+        return device
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 Precision = Literal["auto", "fp32", "bf16", "bf16-emu", "fp64"]
 """A run's numeric precision (see ``bench.precision``)."""
 
@@ -210,8 +218,7 @@ class RunConfig:
         import torch
 
         from .precision import resolve_precision
-        dev = self.device if self.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        return resolve_precision("auto", torch.device(dev))
+        return resolve_precision("auto", torch.device(machine_device(self.device)))
 
     def key(self) -> str:
         """16-hex-digit hash of the run fields (execution fields excluded; see ``_key_dict``), with
@@ -453,11 +460,7 @@ def _kernels_before_adamw(d: dict[str, Any]) -> dict[str, Any]:
     chunked head) or where one chunk held a whole micro-batch (that head was then bit for bit the
     unchunked one). A head that took several chunks, and every CUDA run, keep their chunks: the
     unchunked head's memory could not hold them."""
-    device = d.get("device", "auto")
-    if device == "auto":
-        import torch
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
+    if machine_device(d.get("device", "auto")) == "cuda":
         return {"adamw": "fused"}
     tokens = (d.get("micro_batch_size") or d.get("batch_size", 0)) * d.get("seq_len", 0)
     chunk = d.get("head_chunk")

@@ -161,7 +161,8 @@ def machine_bytes(device: str) -> tuple[int, str] | None:
     """(memory in bytes, its description) of the device ``device`` resolves to; None if unknown."""
     import torch
 
-    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+    from .config import machine_device
+    if machine_device(device) == "cuda":
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         return int(props.total_memory), f"GPU memory ({props.name})"
     try:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from . import provenance, runtime
-from .config import RunConfig, from_dict
+from .config import RunConfig, from_dict, machine_device
 from .model import flops_per_token
 from .precision import resolve_precision
 from .stabilizers import BUILTIN
@@ -128,8 +128,7 @@ def previous_path(cfg: RunConfig) -> dict[str, Any]:
     """The settings of the training step before the chunked head and CPU-fused AdamW (the kernels the
     committed CPU results were trained with): the unchunked head, and on CPU AdamW's foreach path
     (CUDA runs had the fused kernel already)."""
-    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    return {"head_chunk": 0} if cuda else {"head_chunk": 0, "adamw": "foreach"}
+    return {"head_chunk": 0} if machine_device(cfg.device) == "cuda" else {"head_chunk": 0, "adamw": "foreach"}
 
 
 def preset_row(cfg: RunConfig, data, steps: int, warmup_steps: int, peak: float, rounds: int = 3) -> dict[str, Any]:
@@ -144,7 +143,8 @@ def preset_row(cfg: RunConfig, data, steps: int, warmup_steps: int, peak: float,
     first = timer.run(1)[0]
     setup = time.perf_counter() - t0 - first
     before = previous_path(cfg)
-    old = StepTimer(cfg.replace(**before), data) if cfg.head_chunk or cfg.adamw != before.get("adamw", cfg.adamw) else None
+    prev = cfg.replace(**before)
+    old = StepTimer(prev, data) if prev != cfg else None
     for t in (timer, old):
         if t is not None:
             t.run(warmup_steps)
@@ -174,7 +174,7 @@ def preset_row(cfg: RunConfig, data, steps: int, warmup_steps: int, peak: float,
            "unchunked_over_chunked": statistics.median(ratios) if ratios else 1.0, "previous_path": before}
     if old is not None:
         row["peak_memory_unchunked_bytes"] = measure_peak_bytes(lambda: old.run(1), old.s.device)
-        row["estimated_memory_unchunked_bytes"] = estimate_step_bytes(cfg.replace(**before))
+        row["estimated_memory_unchunked_bytes"] = estimate_step_bytes(prev)
     else:
         row["peak_memory_unchunked_bytes"], row["estimated_memory_unchunked_bytes"] = peak_mem, row["estimated_memory_bytes"]
     return row
@@ -372,8 +372,7 @@ def run_perf(presets: list[str], *, quick: bool, device: str, precision: str, th
     from .data import load_data
 
     knobs = QUICK if quick else FULL
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = torch.device(machine_device(device))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = threads or (cores if dev.type == "cpu" else None)
     V = vocab_size or (50304 if dev.type == "cuda" else 8192)

@@ -40,13 +40,12 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
 
 
 def main(name: str, args: argparse.Namespace) -> int:
-    import torch
-
+    from .config import machine_device
     from .errors import UsageError
     from .perf import format_markdown, format_table, run_perf
     from .presets import CPU_PRESETS, PRESETS, STUDY_PRESETS
 
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    cuda = machine_device(args.device) == "cuda"
     presets = args.preset or list(STUDY_PRESETS if cuda else CPU_PRESETS)
     bad = [p for p in presets if p not in PRESETS]
     if bad:

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 
 from . import runtime
-from .config import RunConfig
+from .config import RunConfig, machine_device
 from .head import FusedKernels, SlopeTransform, chunked_head, logit_stats
 from .model import GPT
 from .precision import param_dtype, precision_context, resolve_precision
@@ -30,7 +30,7 @@ from .stabilizers.apply import apply_after_step as apply_hook, check_tensor, hoo
 
 def resolve_device(cfg: RunConfig) -> torch.device:
     if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(machine_device(cfg.device))
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but CUDA is not available")
     return torch.device(cfg.device)
