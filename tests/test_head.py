@@ -270,7 +270,7 @@ def test_soft_capping_through_its_slope_is_bit_identical_to_autograd(precision, 
     steps. Both forms of tanh: ATen's, and the sigmoid form used where the CPU's tanh is slow (AVX2)."""
     from bench.stabilizers import softcap as module
 
-    monkeypatch.setattr(module, "_slow_cpu_tanh", lambda: slow_tanh)
+    monkeypatch.setattr(module, "SLOW_CPU_TANH", slow_tanh)
     stab = make_stabilizer("softcap", cap=3.0)
     g = torch.Generator().manual_seed(0)
     h = (2 * torch.randn(40, 16, generator=g)).requires_grad_()

@@ -1,5 +1,4 @@
 """Logit soft-capping: l ← c · tanh(l / c) before the cross-entropy (Gemma 2)."""
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -7,19 +6,18 @@ import torch
 from .base import Stabilizer, check_positive
 
 
-@functools.cache
-def _slow_cpu_tanh() -> bool:
-    """Whether ATen's CPU kernels are its AVX2 build, whose tanh is ~3.5× slower than its sigmoid
-    (measured: 8.7 vs 2.4 ms for 512 × 8192 fp32 values on 2 AVX2 cores). Its AVX-512 build's tanh
-    costs what its sigmoid does (2.3 vs 2.6 ms on one Xeon core, with the division)."""
-    return torch.backends.cpu.get_cpu_capability() == "AVX2"
+SLOW_CPU_TANH = torch.backends.cpu.get_cpu_capability() == "AVX2"
+"""Whether ATen's CPU kernels are its AVX2 build, whose tanh is ~3.5× slower than its sigmoid
+(measured: 8.7 vs 2.4 ms for 512 × 8192 fp32 values on 2 AVX2 cores). Its AVX-512 build's tanh
+costs what its sigmoid does (2.3 vs 2.6 ms on one Xeon core, with the division). A module constant,
+not a cached call: ``torch.compile`` reads it as a constant (a cached function it warns about)."""
 
 
 def _tanh_of_quotient(x: torch.Tensor, cap) -> torch.Tensor:
-    """tanh(x / cap) in one fresh buffer. Where the CPU's tanh is slow (``_slow_cpu_tanh``) computed
+    """tanh(x / cap) in one fresh buffer. Where the CPU's tanh is slow (``SLOW_CPU_TANH``) computed
     in place as 2·sigmoid(2·(x/cap)) − 1, within a few fp32 ulps of tanh (absolute error ≤ 2⁻²³
     near 0, ~1e-7 relative elsewhere), three passes more but faster there; else as tanh."""
-    if x.device.type == "cpu" and _slow_cpu_tanh():
+    if x.device.type == "cpu" and SLOW_CPU_TANH:
         return torch.div(x, cap).mul_(2).sigmoid_().mul_(2).sub_(1)
     return torch.div(x, cap).tanh_()
 
