@@ -7,8 +7,10 @@ the numbers instead of an out-of-memory traceback.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
@@ -104,10 +106,14 @@ def estimate_eval_bytes(cfg: "RunConfig") -> int:
 def measure_peak_bytes(fn, device: Any = "cpu") -> int | None:
     """Peak memory ``fn()`` allocates above what was in use when it started, in bytes.
 
-    CUDA: ``torch.cuda.max_memory_allocated`` after a reset, minus the allocation before. CPU:
-    the process's peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) minus
-    its resident set before, after ``malloc_trim`` hands freed heap pages back, so memory glibc
-    kept from earlier steps does not hide this one's. None where neither is available (not Linux).
+    CUDA: ``torch.cuda.max_memory_allocated`` after a reset, minus the allocation before. CPU: the
+    peak of the bytes PyTorch's CPU allocator holds for tensors, followed through the profiler's
+    allocation events (``profile_memory``): exact and the same on every call, whatever the C heap
+    kept from earlier steps or other threads (the process's resident set, which this used to read,
+    counted those too, and a long-lived process measured up to 2× the same step now and then).
+    Where the profiler has no allocation events, the process's peak resident set (``VmHWM``,
+    reset through ``/proc/self/clear_refs``, after ``malloc_trim``) minus its resident set before;
+    None where neither is available.
     """
     import torch
 
@@ -118,6 +124,52 @@ def measure_peak_bytes(fn, device: Any = "cpu") -> int | None:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
+    peak = _allocator_peak_bytes(fn)
+    return peak if peak is not None else _rss_peak_bytes(fn)
+
+
+def _allocator_peak_bytes(fn) -> int | None:
+    """Runs ``fn()`` under the profiler and returns the peak of its CPU tensor bytes live at once
+    (the running sum of its allocation events in time order); None, with ``fn`` not run, where the
+    profiler cannot record them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    try:
+        with _stderr_to_devnull():  # libkineto prints two lines at start and stop
+            prof.start()
+    except Exception:  # noqa: BLE001 - a build without the profiler: fall back to the resident set
+        return None
+    try:
+        fn()
+    finally:
+        with _stderr_to_devnull():
+            prof.stop()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+@contextlib.contextmanager
+def _stderr_to_devnull():
+    """File descriptor 2 points at /dev/null inside the block (output written by C++ code)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _rss_peak_bytes(fn) -> int | None:
+    """Peak resident set during ``fn()`` above the resident set before, in bytes; None off Linux."""
     try:
         import ctypes
         ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -500,7 +500,7 @@ def format_markdown(result: dict[str, Any]) -> str:
     words = "the unchunked head" + (", AdamW's foreach path: the kernels of the committed CPU results" if "adamw" in before else "")
     out += ["", f"The training step (loss head in chunks of `head_chunk` tokens) against the previous path ({settings}: "
                 f"{words}), interleaved in one process; peak memory of one training step above what the "
-                "process held before it (CPU: peak resident set; CUDA: `max_memory_allocated`) and by "
+                "process held before it (CPU: tensors in PyTorch's allocator, through the profiler; CUDA: `max_memory_allocated`) and by "
                 "`bench.memory.estimate_step_bytes`:", "",
             "| preset | head_chunk | step (ms) | previous step (ms) | previous / now | peak MiB | "
             "previous peak MiB | estimate MiB | previous estimate MiB | compile (s) |",
