@@ -11,7 +11,9 @@ its addend of ∂/∂E (= gᵀ·h). So the head needs one chunk's logits and the
 not B·T × V logits, their log-softmax and their gradient (``bench.memory``), and does the same
 three GEMMs as the unchunked head. The gradients are formed in the forward pass (the loss is the
 last node of the graph; backward only scales them by the incoming scalar), as in Liger-Kernel's
-fused linear cross-entropy.
+fused linear cross-entropy. In fp32 and fp64 the gradient's per-token scaling and its one-hot term
+go to the GEMMs' (n × H) sides (``FoldedGrad``): the softmax is the only pass over a chunk's logits
+that the gradient adds (a transform's slope adds one multiplication).
 
 Precision: the head runs outside the model's autocast / emulation context and applies the run's
 precision to its own GEMMs, as autocast or ``bench.precision.BF16Rounding`` would to the
@@ -24,7 +26,7 @@ head (``train_module.stabilized_loss``), which is also what packs use.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -125,9 +127,11 @@ class _ChunkedHead(torch.autograd.Function):
         stats = torch.zeros(3, dtype=torch.float64, device=h.device)  # Σ l, Σ l², max |l|
         lse_all = torch.empty(N, dtype=acc, device=h.device)
         grad_h = torch.empty_like(h) if want_grad else None
-        # ∂/∂E accumulated transposed, (H, V), and transposed back once at the end: MKL forms hᵀ·g
-        # faster than gᵀ·h (3.0 vs 6.5 ms at 512 tokens, H = 64, V = 8192, one thread; bit-equal there)
-        grad_Et = torch.zeros(E.shape[::-1], dtype=acc, device=E.device) if want_grad else None
+        # ∂/∂E accumulated transposed, (H, V), and transposed back once, in backward: MKL forms hᵀ·g
+        # faster than gᵀ·h (3.0 vs 6.5 ms at 512 tokens, H = 64, V = 8192, one thread; bit-equal there).
+        # The first chunk's GEMM writes it, later ones accumulate into it (no zero fill, no temporary).
+        grad_Et = torch.empty(E.shape[::-1], dtype=acc, device=E.device) if want_grad else None
+        fold = precision in ("fp32", "fp64")  # bf16 modes round the explicit logit gradient, as autocast would
         for start in range(0, N, chunk):
             sl = slice(start, min(start + chunk, N))
             raw = _out(precision, hc[sl] @ Ec.T).to(acc)  # (n, V) logits of this chunk
@@ -135,7 +139,7 @@ class _ChunkedHead(torch.autograd.Function):
             if fused is not None and not fused.failed and raw.dtype == torch.float32:
                 done = fused.run(_fused_chunk, fused, raw, y[sl], token_loss, N, want_grad)
             if done is None:
-                done = _eager_chunk(raw, y[sl], transform, with_slope, token_loss, N, want_grad, want_stats)
+                done = _eager_chunk(raw, y[sl], transform, with_slope, token_loss, N, want_grad, want_stats, fold)
             lse, ce_c, pen_c, st, g = done
             del raw, done
             ce_sum += ce_c
@@ -144,20 +148,61 @@ class _ChunkedHead(torch.autograd.Function):
             if want_stats:
                 stats[:2] += st[:2]
                 stats[2] = torch.maximum(stats[2], st[2])
-            if g is not None:
+            if isinstance(g, FoldedGrad):
+                _apply_folded(g, hc[sl], Ec, y[sl], grad_h[sl], grad_Et, first=start == 0)
+            elif g is not None:
                 g = _out(precision, g).to(hc.dtype)
                 grad_h[sl] = _out(precision, g @ Ec).to(h.dtype)  # (n, H)
-                grad_Et.add_(hc[sl].T @ g)  # (H, V)
+                if g.dtype != acc:  # bf16 operands: a bf16 product, accumulated in fp32
+                    part = hc[sl].T @ g
+                    if start == 0:
+                        grad_Et.copy_(part)
+                    else:
+                        grad_Et.add_(part)
+                    del part
+                elif start == 0:
+                    torch.mm(hc[sl].T, g, out=grad_Et)  # (H, V)
+                else:
+                    grad_Et.addmm_(hc[sl].T, g)
             del g  # freed before the next chunk's logits: one chunk alive at a time
         if want_grad:
-            ctx.save_for_backward(grad_h, _out(precision, grad_Et.T).to(E.dtype).contiguous())
+            ctx.save_for_backward(grad_h, _out(precision, grad_Et))
+            ctx.E_dtype = E.dtype
         ctx.mark_non_differentiable(lse_all, stats)
         return (ce_sum + pen_sum) / N, ce_sum / N, pen_sum / N, lse_all, stats
 
     @staticmethod
     def backward(ctx, g_total, *_):
-        grad_h, grad_E = ctx.saved_tensors
-        return g_total * grad_h, g_total * grad_E, None, None, None, None, None, None, None, None, None
+        grad_h, grad_Et = ctx.saved_tensors
+        # (H, V) → (V, H), scaled by the incoming scalar and cast to E's dtype in one pass
+        grad_E = torch.empty(grad_Et.shape[::-1], dtype=ctx.E_dtype, device=grad_Et.device)
+        torch.mul(grad_Et.T, g_total, out=grad_E)
+        return g_total * grad_h, grad_E, None, None, None, None, None, None, None, None, None
+
+
+class FoldedGrad(NamedTuple):
+    """A chunk's ∂loss/∂raw in factored form, g = diag(row)·q − diag(target)·onehot(y), so that its
+    (n × V) scaling and its one-hot term are applied to the (n × H) sides of the two GEMMs instead of
+    costing passes over the logits. q (n, V): softmax(l), times f′(raw) under a transform; row (n,):
+    (1 + ∂pen/∂lse)/N; target (n,): f′(raw) at the target, /N."""
+    q: torch.Tensor
+    row: torch.Tensor
+    target: torch.Tensor
+
+
+def _apply_folded(g: FoldedGrad, hc: torch.Tensor, Ec: torch.Tensor, y: torch.Tensor, grad_h: torch.Tensor,
+                  grad_Et: torch.Tensor, first: bool) -> None:
+    """Writes the chunk's ∂/∂h = diag(row)·q·E − diag(target)·E[y] into ``grad_h`` (n, H) and adds its
+    ∂/∂Eᵀ = (diag(row)·h)ᵀ·q − (the rows target·h, added into the columns y) to ``grad_Et`` (H, V)
+    (written instead of added for the first chunk)."""
+    torch.mm(g.q, Ec, out=grad_h)
+    grad_h.mul_(g.row.unsqueeze(1)).sub_(Ec[y] * g.target.unsqueeze(1))
+    h_row = hc * g.row.unsqueeze(1)
+    if first:
+        torch.mm(h_row.T, g.q, out=grad_Et)
+    else:
+        grad_Et.addmm_(h_row.T, g.q)
+    grad_Et.index_add_(1, y, (hc * g.target.unsqueeze(1)).T, alpha=-1)
 
 
 def _penalty(token_loss: TokenLoss | None, lse: torch.Tensor, want_grad: bool):
@@ -197,10 +242,12 @@ def _ce_and_lse(lt: torch.Tensor, p: torch.Tensor, yc: torch.Tensor) -> tuple[to
     return ce, lt_y + ce
 
 
-def _eager_chunk(raw, y, transform, with_slope, token_loss, N: int, want_grad: bool, want_stats: bool):
+def _eager_chunk(raw, y, transform, with_slope, token_loss, N: int, want_grad: bool, want_stats: bool,
+                 fold: bool = False):
     """One chunk of raw logits (n, V) in plain tensor ops: (lse (n,), Σ ce, Σ penalty, stats (3,) or
     None, ∂loss/∂raw (n, V) or None). The transform goes through its slope when ``with_slope`` is
-    given, else through autograd."""
+    given, else through autograd. With ``fold`` (and no transform, or one with a slope) the gradient
+    comes as a ``FoldedGrad``: its scaling and one-hot term are left to the GEMMs' small sides."""
     yc = y.unsqueeze(1)
     dlt = None  # f′(raw), when the transform gives its slope
     if with_slope is not None:  # f(raw) and f′(raw) in plain tensor ops: no autograd graph
@@ -218,6 +265,12 @@ def _eager_chunk(raw, y, transform, with_slope, token_loss, N: int, want_grad: b
     pen_sum, slope = _penalty(token_loss, lse, want_grad)  # slope: ∂penalty/∂lse per token
     if not want_grad:
         return lse, ce.sum(), pen_sum, st, None
+    if fold and (dlt is not None or transform is None):
+        row = (1 + slope) / N if slope is not None else torch.full_like(ce, 1.0 / N)
+        if dlt is None or isinstance(dlt, float):
+            return lse, ce.sum(), pen_sum, st, FoldedGrad(p, row, torch.full_like(ce, 1.0 / N))
+        target = dlt.gather(1, yc).squeeze(1) / N
+        return lse, ce.sum(), pen_sum, st, FoldedGrad(p.mul_(dlt), row, target)
     # ∂(ce + penalty)/∂l = softmax(l)·(1 + ∂pen/∂lse) − onehot(y); the mean over N tokens: / N
     g = p
     g.mul_(((1 + slope) / N).unsqueeze(1) if slope is not None else 1.0 / N)
