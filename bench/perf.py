@@ -261,7 +261,7 @@ def hook_time(s, y: torch.Tensor, reps: int = 20) -> float:
     ``transform_logits_with_slope`` and one multiplication of the logit gradient by the slope where the
     chunked head serves the stabilizer and it gives one, else through autograd —, ``token_loss`` and
     ``loss_term`` forward + backward (its inputs as the trainer builds them; gradients land in throwaway
-    tensors) and ``apply_after_step`` on the model. Hooks a stabilizer does not override cost 0, as in the trainer."""
+    tensors, E's added to a gradient already there, as the head's is in training) and ``apply_after_step`` on the model. Hooks a stabilizer does not override cost 0, as in the trainer."""
     from .stabilizers import LossInputs
     from .train_module import apply_after_step, transform_with_slope, uses_chunked_head
 
@@ -275,6 +275,7 @@ def hook_time(s, y: torch.Tensor, reps: int = 20) -> float:
     lse = torch.randn(B, T, device=dev, requires_grad=True)
     hidden = torch.randn(B, T, model.cfg.n_embd, device=dev, requires_grad=True)
     E = model.output_embedding.detach().clone().requires_grad_()
+    E.grad = torch.zeros_like(E)  # the head's ∂E, there before the term's, as in training: the term's is added to it
     with_slope = transform_with_slope(stab) if uses_chunked_head(stab, s.chunk) else None
     g_out = torch.empty_like(g) if with_slope is not None else None
 
@@ -296,7 +297,7 @@ def hook_time(s, y: torch.Tensor, reps: int = 20) -> float:
             apply_after_step(model, stab)
 
     def drop_grads() -> None:
-        logits.grad = lse.grad = hidden.grad = E.grad = None
+        logits.grad = lse.grad = hidden.grad = None
 
     return median_seconds(hooks, dev, reps, after=drop_grads)
 

@@ -147,10 +147,12 @@ def stabilized_loss(model: GPT, stab: Stabilizer, x: torch.Tensor, y: torch.Tens
 
 
 def apply_after_step(model: GPT, stab: Stabilizer) -> None:
-    """``stab.after_step`` applied to ``model``'s parameters in place."""
-    params = dict(model.named_parameters())
-    e_name = next(n for n, p in params.items() if p is model.output_embedding)
-    apply_hook(stab.after_step, params, e_name, label(type(stab)))
+    """``stab.after_step`` applied to ``model``'s parameters in place (through ``after_step_delta``,
+    added in place, where the stabilizer gives one)."""
+    params, E = dict(model.named_parameters()), model.output_embedding
+    e_name = next(n for n, p in params.items() if p is E)
+    delta = stab.after_step_delta if type(stab).has_hook("after_step_delta") else None
+    apply_hook(stab.after_step, params, e_name, label(type(stab)), delta=delta)
 
 
 class SingleModule:

@@ -276,6 +276,32 @@ PLUGINS = {
                 E.sub_(E.mean(0))
                 return {}
         """, "in place"),
+    "after_step_delta that disagrees": ("""
+        @dataclass(frozen=True)
+        class P(Stabilizer):
+            def after_step(self, params):
+                E = params[OUTPUT_EMBEDDING]
+                return {OUTPUT_EMBEDDING: E - E.mean(0)}
+
+            def after_step_delta(self, params):
+                return {OUTPUT_EMBEDDING: params[OUTPUT_EMBEDDING].mean(0)}  # the sign forgotten
+        """, "after_step_delta disagrees with after_step"),
+    "after_step_delta of a wrong shape": ("""
+        @dataclass(frozen=True)
+        class P(Stabilizer):
+            def after_step(self, params):
+                E = params[OUTPUT_EMBEDDING]
+                return {OUTPUT_EMBEDDING: E - E.mean(0)}
+
+            def after_step_delta(self, params):
+                return {OUTPUT_EMBEDDING: -params[OUTPUT_EMBEDDING].mean(1, keepdim=True)[:2]}
+        """, "after_step_delta must return the increment of 'output_embedding'"),
+    "after_step_delta alone": ("""
+        @dataclass(frozen=True)
+        class P(Stabilizer):
+            def after_step_delta(self, params):
+                return {OUTPUT_EMBEDDING: -params[OUTPUT_EMBEDDING].mean(0)}
+        """, "after_step_delta needs after_step beside it"),
     "in-place edit of logits": ("""
         @dataclass(frozen=True)
         class P(Stabilizer):
@@ -316,6 +342,8 @@ def test_hooks_are_also_checked_on_every_call_without_a_sync():
     E = torch.randn(8, 4)
     with pytest.raises(StabilizerError, match="'mine': after_step must return .* shape \\(8, 4\\)"):
         apply_after_step(lambda p: {"E": p["E"].mean(0)}, {"E": E}, "E", "mine")
+    with pytest.raises(StabilizerError, match="'mine': after_step_delta must return .* broadcasts to \\(8, 4\\)"):
+        apply_after_step(None, {"E": E}, "E", "mine", delta=lambda p: {"E": p["E"].mean(1)})
     logits = torch.randn(2, 3, 8)
     with pytest.raises(StabilizerError, match="loss_term must return a scalar"):
         hooked_cross_entropy(logits, torch.zeros(2, 3, dtype=torch.long), torch.randn(2, 3, 4), E, None,

@@ -94,6 +94,57 @@ def test_mucentering_hook_is_pure():
     torch.testing.assert_close(out[OUTPUT_EMBEDDING], E - E.mean(0))
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16-emu"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_mucentering_by_increment_is_bit_identical_to_its_new_value(tied, precision):
+    """The trainer applies μ-centering through ``after_step_delta`` (E += −μ, in place); the committed
+    μ-centering results were trained through ``after_step`` (E ← E − μ, copied). Same bits over 30 steps."""
+    from dataclasses import dataclass
+
+    from bench.config import RunConfig
+    from bench.stabilizers import Stabilizer
+    from bench.stabilizers.mucentering import MuCentering
+    from bench.train_module import SingleModule
+
+    @dataclass(frozen=True)
+    class ByValue(MuCentering):  # μ-centering without its increment: the engine copies after_step's value
+        after_step_delta = Stabilizer.after_step_delta
+
+    cfg = RunConfig(model="nano", vocab_size=64, seq_len=8, batch_size=2, stabilizer="mucentering", lr=3e-2,
+                    weight_tying=tied, precision=precision, device="cpu", threads=1, head_chunk=0)
+    by_delta, by_value = SingleModule(cfg), SingleModule(cfg)
+    by_value.stab = ByValue()
+    assert type(by_delta.stab).has_hook("after_step_delta") and not ByValue.has_hook("after_step_delta")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        x = torch.randint(0, 64, (2, 8), generator=g)
+        for m in (by_delta, by_value):
+            m.train_batch(x, x, [3e-2], False)
+    E = by_delta.model.output_embedding.detach()
+    assert E.mean(0).abs().max() < 1e-6  # centred
+    for a, b in zip(by_delta.model.parameters(), by_value.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_muloss_gradient_is_bit_identical_to_the_row_mean_formula():
+    """μ-loss forms μ as Σ rows / V (its backward adds a broadcast view to E's gradient); the committed
+    μ-loss results were trained with E.mean(0): same loss and same gradient bits."""
+    g = torch.Generator().manual_seed(0)
+    grads = []
+    for form in ("stabilizer", "mean"):
+        g.manual_seed(0)
+        E = torch.randn(300, 16, generator=g).add_(0.3).requires_grad_()
+        E.grad = torch.full_like(E, 0.5)  # the head's gradient is there first, as in training
+        if form == "stabilizer":
+            from bench.stabilizers import LossInputs
+            loss = make_stabilizer("muloss", lam=2.0).loss_term(LossInputs(None, None, None, E))
+        else:
+            loss = 2.0 * E.mean(dim=0).square().sum()
+        loss.backward()
+        grads.append((loss.detach(), E.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
 @pytest.mark.parametrize("spec,hp", [("zloss", {"lam": -1.0}), ("muloss", {"lam": float("nan")}),
                                      ("softcap", {"cap": 0.0}), ("baseline", {"lam": 1.0}),
                                      ("nonexistent", {})])

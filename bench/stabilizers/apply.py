@@ -101,24 +101,43 @@ def hooked_cross_entropy(logits: torch.Tensor, y: torch.Tensor, hidden: torch.Te
 
 @torch.no_grad()
 def apply_after_step(after_step: AfterStep, params: dict[str, torch.Tensor], output_embedding_name: str,
-                     stabilizer: str = "stabilizer") -> None:
+                     stabilizer: str = "stabilizer", delta: AfterStep | None = None) -> None:
     """Run ``after_step`` on detached ``params`` (plus E as ``OUTPUT_EMBEDDING``) and copy what it
-    returns into those parameters, in place. The result must map known names to floating tensors
-    of the parameters' shapes, and the hook must not edit ``params`` itself (checked without a
-    host sync); else StabilizerError naming ``stabilizer``."""
+    returns into those parameters, in place; or, given ``delta`` (a stabilizer's ``after_step_delta``),
+    run that instead and add what it returns to them, in place. The result must map known names to
+    floating tensors of the parameters' shapes (a delta: of a shape that broadcasts to it), and the
+    hook must not edit ``params`` itself (checked without a host sync); else StabilizerError naming
+    ``stabilizer``."""
     named = {n: p.detach() for n, p in params.items()}
     named[OUTPUT_EMBEDDING] = named[output_embedding_name]
     names, tensors = list(named), list(named.values())
+    hook = "after_step" if delta is None else "after_step_delta"
     before = _versions(tensors)
-    new = after_step(named)
-    _check_unedited(stabilizer, "after_step", names, tensors, before)
+    new = (after_step if delta is None else delta)(named)
+    _check_unedited(stabilizer, hook, names, tensors, before)
     if not isinstance(new, dict):
-        raise _fault(stabilizer, "after_step", f"must return a dict {{parameter name: tensor}}, got {_describe(new)}")
+        raise _fault(stabilizer, hook, f"must return a dict {{parameter name: tensor}}, got {_describe(new)}")
     unknown = [n for n in new if n not in named]
     if unknown:
-        raise _fault(stabilizer, "after_step", f"returned unknown parameter name(s) {', '.join(map(repr, unknown[:3]))}; "
+        raise _fault(stabilizer, hook, f"returned unknown parameter name(s) {', '.join(map(repr, unknown[:3]))}; "
                      f"allowed: {OUTPUT_EMBEDDING!r} or a name of model.named_parameters()")
     for name, value in new.items():
-        check_tensor(stabilizer, "after_step", f"the new value of {name!r}", value, named[name].shape)
+        if delta is None:
+            check_tensor(stabilizer, hook, f"the new value of {name!r}", value, named[name].shape)
+        else:
+            check_broadcast(stabilizer, hook, f"the increment of {name!r}", value, named[name].shape)
     for name, value in new.items():
-        named[output_embedding_name if name == OUTPUT_EMBEDDING else name].copy_(value)
+        target = named[output_embedding_name if name == OUTPUT_EMBEDDING else name]
+        if delta is None:
+            target.copy_(value)
+        else:
+            target.add_(value)
+
+
+def check_broadcast(stabilizer: str, hook: str, what: str, value: Any, shape: tuple[int, ...]) -> None:
+    """A hook's result must be a floating-point tensor whose shape broadcasts to ``shape`` unchanged."""
+    ok = (isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() <= len(shape)
+          and all(v in (1, s) for v, s in zip(reversed(value.shape), reversed(tuple(shape)))))
+    if not ok:
+        raise _fault(stabilizer, hook, f"must return {what}: a floating-point tensor of a shape that broadcasts to "
+                     f"{tuple(shape)}, got {_describe(value)}")

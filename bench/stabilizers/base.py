@@ -93,6 +93,15 @@ class Stabilizer:
         """
         return {}
 
+    def after_step_delta(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Optional, for speed, alongside ``after_step``: the same update as increments,
+        {name: delta} with params[name] ← params[name] + delta, where delta broadcasts to the
+        parameter's shape (μ-centering: −μ, (1, H)). With it an unpacked run adds each delta in
+        place instead of forming a parameter-sized new value and copying it over the parameter
+        (μ-centering at ``micro``: ~0.1 vs ~0.4 ms a step). Must agree with ``after_step``:
+        the preflight of a plug-in checks it on small random inputs."""
+        raise NotImplementedError
+
     # -- engine side ---------------------------------------------------------
     def hyperparameters(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

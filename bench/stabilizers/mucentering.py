@@ -18,3 +18,7 @@ class MuCentering(Stabilizer):
     def after_step(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         E = params[OUTPUT_EMBEDDING]
         return {OUTPUT_EMBEDDING: E - E.mean(dim=0, keepdim=True)}
+
+    def after_step_delta(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """E + (−μ), which is E − μ to the bit (IEEE subtraction is addition of the negation)."""
+        return {OUTPUT_EMBEDDING: params[OUTPUT_EMBEDDING].mean(dim=0, keepdim=True).neg()}

@@ -16,5 +16,9 @@ class MuLoss(Stabilizer):
         check_nonnegative(self, "lam")
 
     def loss_term(self, inputs: LossInputs) -> torch.Tensor:
-        mu = inputs.output_embedding.float().mean(dim=0)  # (H,)
+        E = inputs.output_embedding.float()
+        # μ = Σ rows / V: the bits of E.mean(0) (ATen's mean is this sum and division), but its backward
+        # broadcasts ∂/∂μ over the V rows as a view, added to E's gradient in one pass, where mean's
+        # backward materializes a (V × H) tensor first
+        mu = E.sum(dim=0) / E.shape[-2]  # (H,)
         return self.lam * mu.square().sum()
