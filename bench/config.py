@@ -176,8 +176,8 @@ class RunConfig:
     device: Literal["auto", "cpu", "cuda"] = execution_field("auto", pack_shared=14, cli=13)
     compile: bool = execution_field(False, pack_shared=16)  # a pack compiles its batched forward or not
     # tokens per chunk of the loss head (bench.head): the (B·T × V) logits are never held at once;
-    # 0 = the unchunked head. Same arithmetic up to rounding (as threads); packs use 0.
-    head_chunk: int = execution_field(DEFAULT_HEAD_CHUNK)
+    # 0 = the unchunked head. Same arithmetic up to rounding (as threads); a pack runs it member by member.
+    head_chunk: int = execution_field(DEFAULT_HEAD_CHUNK, pack_shared=20)
     # AdamW's kernel in a single run: torch's fused kernel (one pass over each parameter; default) or its
     # multi-tensor path (bit for bit the for-loop; the kernel of runs recorded before this field, see
     # ``upgrade_stored``). Same arithmetic up to rounding. Packs use their own row-wise AdamW (bench.pack.optim).

@@ -22,7 +22,7 @@ the logits to fp32; ``bf16-emu`` rounds h, E, the logits, the logit gradient and
 results to bf16 values; ``fp32`` and ``fp64`` compute as written.
 
 What does not fit in it (a ``loss_term`` that reads the full logits or log Z) keeps the unchunked
-head (``train_module.stabilized_loss``), which is also what packs use.
+head (``train_module.stabilized_loss``; a pack's, ``bench.pack.step``, likewise).
 """
 from __future__ import annotations
 

@@ -126,16 +126,7 @@ def stabilized_loss(model: GPT, stab: Stabilizer, x: torch.Tensor, y: torch.Tens
     if uses_chunked_head(stab, chunk):
         with autocast:
             hidden = (features or model.features)(x)
-        total, ce, pen, lse, st = chunked_head(hidden, E, y, chunk=chunk, transform=transform, token_loss=tok,
-                                               precision=precision, stats=stats, fused=fused,
-                                               transform_with_slope=transform_with_slope(stab))
-        reg = pen
-        if term is not None:
-            extra = term(None, None, hidden, E)
-            if extra is not None:
-                check_tensor(label(cls), "loss_term", "a scalar loss", extra, ())
-                total, reg = total + extra, reg + extra.detach()
-        return Loss(total, ce, reg, lse, hidden, st)
+        return chunked_loss(stab, hidden, E, y, chunk=chunk, precision=precision, stats=stats, fused=fused)
     with autocast:
         logits, hidden = model(x)
     ce_tok, lse, reg, logits = hooked_cross_entropy(logits, y, hidden, E, transform, term, label(cls), tok)
@@ -144,6 +135,27 @@ def stabilized_loss(model: GPT, stab: Stabilizer, x: torch.Tensor, y: torch.Tens
         reg = torch.zeros((), device=ce.device)
     st = logit_stats(logits) if stats else torch.zeros(3, dtype=torch.float64, device=ce.device)
     return Loss(ce + reg, ce.detach(), reg.detach(), lse.detach(), hidden, st)
+
+
+def chunked_loss(stab: Stabilizer, hidden: torch.Tensor, E: torch.Tensor, y: torch.Tensor, *, chunk: int,
+                 precision: str = "fp32", stats: bool = False, fused=None) -> Loss:
+    """``stabilized_loss`` of hidden states ``hidden`` (B, T, H) through the chunked head (``bench.head``):
+    E (V, H) the output embedding, y (B, T) targets, chunk tokens per chunk; the stabilizer's transform
+    and token loss run inside the head, a ``loss_term`` that reads only h and E is added after it. Used by
+    a single run and, member by member, by a pack (``bench.pack.step``)."""
+    cls = type(stab)
+    transform = stab.transform_logits if cls.has_hook("transform_logits") else None
+    tok = stab.token_loss if cls.has_hook("token_loss") else None
+    total, ce, pen, lse, st = chunked_head(hidden, E, y, chunk=chunk, transform=transform, token_loss=tok,
+                                           precision=precision, stats=stats, fused=fused,
+                                           transform_with_slope=transform_with_slope(stab))
+    reg = pen
+    if cls.has_hook("loss_term"):
+        extra = stab.loss_term(LossInputs(None, None, hidden, E))
+        if extra is not None:
+            check_tensor(label(cls), "loss_term", "a scalar loss", extra, ())
+            total, reg = total + extra, reg + extra.detach()
+    return Loss(total, ce, reg, lse, hidden, st)
 
 
 def apply_after_step(model: GPT, stab: Stabilizer) -> None:

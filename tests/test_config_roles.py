@@ -43,6 +43,7 @@ SPEC_SHARED_FIELDS = (
     "micro_batch_size", "device", "threads",
     "compile",  # a pack compiles its one batched forward, or not
     "arch_version", "final_eval_batches", "tf32",
+    "head_chunk",  # a pack runs the chunked head member by member (one chunk size), or members in chunks
 )
 SPEC_RUN_FLAGS = {
     "--model": ("model", str), "--stabilizer": ("stabilizer", str), "--lr": ("lr", float),

@@ -86,23 +86,31 @@ LAMS = [{"lam": 1e-4}, {"lam": 1e-2}, {"lam": 1e-3}, {"lam": 0.1}]
 
 # --- equivalence with independent runs ------------------------------------------------------
 
+# The head of a pack: head_chunk > 0 runs the chunked head member by member (48 tokens: 128 tokens per
+# batch in three chunks, the last one short); head_chunk = 0 the unchunked head over chunks of members.
+HEADS = pytest.mark.parametrize("head_chunk", [48, 0], ids=["chunked-head", "member-chunks"])
+
+
+@HEADS
 @pytest.mark.parametrize("stabilizer", ["zloss", "muloss"])
-def test_four_members_differing_in_lr_lambda_and_seed_match_independent_runs_fp64(stabilizer):
-    cfgs = _members(stabilizer, LAMS, LRS, precision="fp64")
+def test_four_members_differing_in_lr_lambda_and_seed_match_independent_runs_fp64(stabilizer, head_chunk):
+    cfgs = _members(stabilizer, LAMS, LRS, precision="fp64", head_chunk=head_chunk)
     packed = _pack_vs_solo(cfgs, FP64, float32_fields={"reg_loss"} if stabilizer == "muloss" else ())
     assert len({r.run["final_loss"] for r in packed}) == 4  # the members really differ
 
 
-def test_softcap_members_with_different_caps_match_independent_runs_fp64():
+@HEADS
+def test_softcap_members_with_different_caps_match_independent_runs_fp64(head_chunk):
     caps = [{"cap": 2.0}, {"cap": 5.0}, {"cap": 30.0}, {"cap": 10.0}]
-    _pack_vs_solo(_members("softcap", caps, LRS, precision="fp64"), FP64)
+    _pack_vs_solo(_members("softcap", caps, LRS, precision="fp64", head_chunk=head_chunk), FP64)
 
 
+@HEADS
 @pytest.mark.parametrize("tied", [False, True])
-def test_mucentering_pack_matches_independent_runs_fp64(tied):
+def test_mucentering_pack_matches_independent_runs_fp64(tied, head_chunk):
     # with weight tying, micro-batches and weight decay: the after_step hook, accumulation and decay paths
     cfgs = _members("mucentering", [{}] * 4, LRS, precision="fp64", weight_tying=tied,
-                    micro_batch_size=2, weight_decay=0.1)
+                    micro_batch_size=2, weight_decay=0.1, head_chunk=head_chunk)
     packed = _pack_vs_solo(cfgs, FP64)
     assert all(r.run["mu_norm"] < 1e-6 for r in packed)  # E stayed centred (to float32 round-off)
 

@@ -9,7 +9,7 @@
 Inside: batched_model.py (the GPT as a function of stacked parameters), store.py (the
 members' parameters as rows of one flat buffer), optim.py (AdamW + clipping per row),
 hooks.py (stabilizer hooks vmapped over per-member hyperparameters), step.py (one step's
-gradients: batched body, member-chunked loss head).
+gradients: batched body, the loss head member by member).
 """
 from ..trainer import train_members as train_pack
 from .grouping import SHARED_FIELDS, auto_pack_size, group_into_packs, pack_key

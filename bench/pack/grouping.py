@@ -38,7 +38,7 @@ def auto_pack_size(cfg: RunConfig, device_bytes: int | None = None) -> int:
     members as fit ``PACK_MEMORY_FRACTION`` of the device's memory (``device_bytes``, default this
     machine's, ``bench.memory.machine_bytes``) at ``estimate_step_bytes`` each — every member has its
     own weights, AdamW state and activations; the head's logits are counted once per member too,
-    a bound above what the member-chunked head holds. At least 1."""
+    a bound above what a pack's head holds (one member's chunk at a time). At least 1."""
     from ..memory import estimate_step_bytes, machine_bytes
 
     cap = AUTO_K_CUDA if cfg.device == "cuda" else AUTO_K_CPU

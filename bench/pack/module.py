@@ -4,7 +4,7 @@ Each member is what ``SingleModule(cfg)`` would train: initialized like ``GPT(cf
 ``torch.manual_seed(cfg.seed)``, its own lr, stabilizer hyperparameters, AdamW state and
 gradient clipping. The members' parameters are rows of one flat buffer (store.py), the
 forward is batched over members (batched_model.py), the gradients come from a
-member-chunked loss head (step.py), AdamW runs row-wise (optim.py) and the stabilizer's
+loss head run member by member (step.py), AdamW runs row-wise (optim.py) and the stabilizer's
 hooks are vmapped over per-member hyperparameters (hooks.py).
 
 Isolation: every op of a step acts on one member's rows only, so NaN/Inf in one member
@@ -60,7 +60,8 @@ class PackModule:
         self.stab = PackedStabilizer(c0.stabilizer, [c.hparams for c in cfgs], dtype, self.device)
         features = torch.compile(packed_features) if c0.compile else packed_features
         self.grads_of = PackStep(mcfg, self.store, self.stab, self.e_name, self.autocast,
-                                 self.scratch.rope_cos, self.scratch.rope_sin, features)
+                                 self.scratch.rope_cos, self.scratch.rope_sin, features,
+                                 precision=self.precision, chunk=c0.head_chunk)
         self.opt = PackedAdamW(self.store, betas=[(c.beta1, c.beta2) for c in cfgs], eps=[c.eps for c in cfgs],
                                weight_decay=[c.weight_decay for c in cfgs], grad_clip=[c.grad_clip for c in cfgs])
         self.n_micro = c0.batch_size // (c0.micro_batch_size or c0.batch_size)
