@@ -180,6 +180,31 @@ def preset_row(cfg: RunConfig, data, steps: int, warmup_steps: int, peak: float,
     return row
 
 
+def head_memory_apart(n_tokens: int, width: int, vocab: int, chunk: int, device: torch.device
+                      ) -> dict[str, Any] | None:
+    """``head_memory`` — on CPU in a fresh process with glibc's default heap and this process's threads, on
+    CUDA here. The unchunked head at 16M holds ~10 GiB; the heap ``runtime.tune_allocator`` set up for this
+    process's training steps keeps what it once touched and fragments around such blocks (its resident set
+    outgrew a 24 GiB machine while the live tensors peaked at 9 GiB). None when the child ends without a
+    result."""
+    if device.type != "cpu":
+        return head_memory(n_tokens, width, vocab, chunk, device)
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        try:
+            return pool.submit(_head_memory_child, n_tokens, width, vocab, chunk, torch.get_num_threads()).result()
+        except BrokenProcessPool:
+            return None
+
+
+def _head_memory_child(n_tokens: int, width: int, vocab: int, chunk: int, threads: int) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    return head_memory(n_tokens, width, vocab, chunk, torch.device("cpu"))
+
+
 def head_memory(n_tokens: int, width: int, vocab: int, chunk: int, device: torch.device, reps: int = 2
                 ) -> dict[str, Any]:
     """The loss head alone (h (n_tokens × width) → logits over ``vocab`` → cross-entropy, forward and
@@ -408,7 +433,10 @@ def run_perf(presets: list[str], *, quick: bool, device: str, precision: str, th
         log(f"measuring the loss head alone at {name} (H = {width}), V = {vocab}, {knobs['head_tokens']} tokens…")
         from .config import DEFAULT_HEAD_CHUNK
         chunk = base.head_chunk or DEFAULT_HEAD_CHUNK
-        result["head"] = {"preset": name, **head_memory(knobs["head_tokens"], width, vocab, chunk, dev)}
+        head = head_memory_apart(knobs["head_tokens"], width, vocab, chunk, dev)
+        result["head"] = {"preset": name, **head} if head else None
+        if head is None:
+            log("the loss head alone could not be measured: its process ended without a result (out of memory?)")
     if "overhead" in sections:
         result["settings"]["overhead_presets"] = overhead_presets or presets[:1]
         for name in result["settings"]["overhead_presets"]:
