@@ -11,7 +11,7 @@ its addend of ∂/∂E (= gᵀ·h). So the head needs one chunk's logits and the
 not B·T × V logits, their log-softmax and their gradient (``bench.memory``), and does the same
 three GEMMs as the unchunked head. The gradients are formed in the forward pass (the loss is the
 last node of the graph; backward only scales them by the incoming scalar), as in Liger-Kernel's
-fused linear cross-entropy. In fp32 and fp64 the gradient's per-token scaling and its one-hot term
+fused linear cross-entropy. In fp32 and fp64 on CPU the gradient's per-token scaling and its one-hot term
 go to the GEMMs' (n × H) sides (``FoldedGrad``): the softmax is the only pass over a chunk's logits
 that the gradient adds (a transform's slope adds one multiplication).
 
@@ -131,7 +131,9 @@ class _ChunkedHead(torch.autograd.Function):
         # faster than gᵀ·h (3.0 vs 6.5 ms at 512 tokens, H = 64, V = 8192, one thread; bit-equal there).
         # The first chunk's GEMM writes it, later ones accumulate into it (no zero fill, no temporary).
         grad_Et = torch.empty(E.shape[::-1], dtype=acc, device=E.device) if want_grad else None
-        fold = precision in ("fp32", "fp64")  # bf16 modes round the explicit logit gradient, as autocast would
+        # the folded gradient (FoldedGrad): fp32/fp64 on CPU. bf16 modes round the explicit logit gradient, as
+        # autocast would; on CUDA its index_add would be atomic (duplicate targets: run-to-run rounding noise)
+        fold = precision in ("fp32", "fp64") and h.device.type == "cpu"
         for start in range(0, N, chunk):
             sl = slice(start, min(start + chunk, N))
             raw = _out(precision, hc[sl] @ Ec.T).to(acc)  # (n, V) logits of this chunk
