@@ -228,6 +228,20 @@ def test_estimate_step_bytes_by_hand():
 
 # -- cause 10: plug-in stabilizers ----------------------------------------------------------------------
 
+def _centering_by_delta(delta: str) -> str:
+    """A μ-centering plug-in whose ``after_step_delta`` returns {OUTPUT_EMBEDDING: ``delta``}."""
+    return f"""
+        @dataclass(frozen=True)
+        class P(Stabilizer):
+            def after_step(self, params):
+                E = params[OUTPUT_EMBEDDING]
+                return {{OUTPUT_EMBEDDING: E - E.mean(0)}}
+
+            def after_step_delta(self, params):
+                return {{OUTPUT_EMBEDDING: {delta}}}
+        """
+
+
 PLUGINS = {
     "import error": ("import no_such_module_for_stabench\n", "ModuleNotFoundError"),
     "syntax error": ("def broken(:\n", "SyntaxError"),
@@ -276,26 +290,10 @@ PLUGINS = {
                 E.sub_(E.mean(0))
                 return {}
         """, "in place"),
-    "after_step_delta that disagrees": ("""
-        @dataclass(frozen=True)
-        class P(Stabilizer):
-            def after_step(self, params):
-                E = params[OUTPUT_EMBEDDING]
-                return {OUTPUT_EMBEDDING: E - E.mean(0)}
-
-            def after_step_delta(self, params):
-                return {OUTPUT_EMBEDDING: params[OUTPUT_EMBEDDING].mean(0)}  # the sign forgotten
-        """, "after_step_delta disagrees with after_step"),
-    "after_step_delta of a wrong shape": ("""
-        @dataclass(frozen=True)
-        class P(Stabilizer):
-            def after_step(self, params):
-                E = params[OUTPUT_EMBEDDING]
-                return {OUTPUT_EMBEDDING: E - E.mean(0)}
-
-            def after_step_delta(self, params):
-                return {OUTPUT_EMBEDDING: -params[OUTPUT_EMBEDDING].mean(1, keepdim=True)[:2]}
-        """, "after_step_delta must return the increment of 'output_embedding'"),
+    "after_step_delta that disagrees": (_centering_by_delta("params[OUTPUT_EMBEDDING].mean(0)"),  # sign forgotten
+                                        "after_step_delta disagrees with after_step"),
+    "after_step_delta of a wrong shape": (_centering_by_delta("-params[OUTPUT_EMBEDDING].mean(1, keepdim=True)[:2]"),
+                                          "after_step_delta must return the increment of 'output_embedding'"),
     "after_step_delta alone": ("""
         @dataclass(frozen=True)
         class P(Stabilizer):
