@@ -215,10 +215,14 @@ def test_estimate_step_bytes_by_hand():
     assert estimate_step_bytes(cfg) == want == 4 * 45_168 * 4 + 32 * 1600 * 4 + 98_304
     assert estimate_step_bytes(cfg.replace(precision="fp64")) == 2 * 4 * P * 4 + 2 * N * (16 * H + 4 * F + 2 * H) * 4 \
         + 3 * N * V * 4
-    # the chunked head: 4 (chunk × V) fp32 buffers and the (V × H), (N × H) gradients, whatever N is
+    # the chunked head: 2 (chunk × V) fp32 buffers (logits, softmax) and the (V × H), (N × H) gradients, whatever
+    # N is; 2 more under a logit transform (its value and slope), 1 more in bf16-emu (a rounding copy)
     chunked = cfg.replace(head_chunk=8)
-    assert estimate_step_bytes(chunked) == want - 3 * N * V * 4 + 4 * 8 * V * 4 + (V + N) * H * 4
-    assert estimate_step_bytes(cfg.replace(head_chunk=1000)) == want - 3 * N * V * 4 + 4 * N * V * 4 + (V + N) * H * 4
+    head = want - 3 * N * V * 4 + (V + N) * H * 4
+    assert estimate_step_bytes(chunked) == head + 2 * 8 * V * 4
+    assert estimate_step_bytes(cfg.replace(head_chunk=1000)) == head + 2 * N * V * 4
+    assert estimate_step_bytes(chunked.replace(stabilizer="softcap")) == head + 4 * 8 * V * 4
+    assert estimate_step_bytes(chunked.replace(precision="bf16-emu")) == head + 3 * 8 * V * 4
     # a stabilizer whose loss_term reads the logits keeps the unchunked head, and its memory
     assert estimate_step_bytes(chunked.replace(stabilizer=str(Path(__file__).parent / "plugins" / "my_stabilizers.py") + ":LogitL2")) == want
     # one evaluation pass: the weights, one layer's activations, two logits-sized buffers
