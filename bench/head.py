@@ -269,7 +269,7 @@ def _eager_chunk(raw, y, transform, with_slope, token_loss, N: int, want_grad: b
         return lse, ce.sum(), pen_sum, st, None
     if fold and (dlt is not None or transform is None):
         row = (1 + slope) / N if slope is not None else torch.full_like(ce, 1.0 / N)
-        if dlt is None or isinstance(dlt, float):
+        if dlt is None:
             return lse, ce.sum(), pen_sum, st, FoldedGrad(p, row, torch.full_like(ce, 1.0 / N))
         target = dlt.gather(1, yc).squeeze(1) / N
         return lse, ce.sum(), pen_sum, st, FoldedGrad(p.mul_(dlt), row, target)

@@ -40,11 +40,18 @@ def head_is_chunked(cfg: "RunConfig") -> bool:
     ``loss_term`` reads neither logits nor log Z (an unloadable spec counts as unchunked)."""
     if cfg.head_chunk <= 0:
         return False
+    cls = _stabilizer_class(cfg)
+    return cls is not None and cls.chunkable()
+
+
+def _stabilizer_class(cfg: "RunConfig") -> type | None:
+    """The class of ``cfg``'s stabilizer; None where the spec cannot be loaded (it is checked, with its own
+    message, elsewhere)."""
     try:
         from .stabilizers import load_stabilizer_class
-        return load_stabilizer_class(cfg.stabilizer).chunkable()
-    except Exception:  # noqa: BLE001 - the spec is checked, with its own message, elsewhere
-        return False
+        return load_stabilizer_class(cfg.stabilizer)
+    except Exception:  # noqa: BLE001 - any failure of the user's spec
+        return None
 
 
 def head_bytes(cfg: "RunConfig", train: bool = True) -> int:
@@ -56,18 +63,10 @@ def head_bytes(cfg: "RunConfig", train: bool = True) -> int:
     if not head_is_chunked(cfg):
         return (LOGIT_COPIES if train else 2) * N * V * 4
     n = min(cfg.head_chunk, N)
-    copies = (CHUNK_COPIES + (CHUNK_TRANSFORM_COPIES if _transforms_logits(cfg) else 0)
+    transforms = _stabilizer_class(cfg).has_hook("transform_logits")  # loadable: the head is chunked
+    copies = (CHUNK_COPIES + (CHUNK_TRANSFORM_COPIES if transforms else 0)
               + (cfg.precision in ("bf16", "bf16-emu")))  # bf16: the GEMM's output before fp32; emu: a rounding copy
     return copies * n * V * 4 + ((V + N) * H * 4 if train else 0)
-
-
-def _transforms_logits(cfg: "RunConfig") -> bool:
-    """Whether ``cfg``'s stabilizer transforms the logits (unloadable: counted as if it did)."""
-    try:
-        from .stabilizers import load_stabilizer_class
-        return load_stabilizer_class(cfg.stabilizer).has_hook("transform_logits")
-    except Exception:  # noqa: BLE001 - the spec is checked, with its own message, elsewhere
-        return True
 
 
 def step_terms(cfg: "RunConfig") -> dict[str, int]:

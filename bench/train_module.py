@@ -79,6 +79,12 @@ class Loss(NamedTuple):
     hidden: torch.Tensor
     stats: torch.Tensor
 
+    def logit_summary(self, vocab: int) -> torch.Tensor:
+        """[mean logit, max |logit|, mean (log Z)²] over this batch's B·T·V logits, (3,) in log Z's dtype."""
+        dt = self.lse.dtype
+        return torch.stack([(self.stats[0] / (self.lse.numel() * vocab)).to(dt), self.stats[2].to(dt),
+                            self.lse.square().mean()])
+
 
 def fused_kernels(stab: Stabilizer, chunk: int, compile_: bool, device: torch.device) -> FusedKernels | None:
     """Compiled chunk kernels for ``stab`` when a CUDA run compiles and its head is chunked: a transform
@@ -118,15 +124,15 @@ def stabilized_loss(model: GPT, stab: Stabilizer, x: torch.Tensor, y: torch.Tens
     chunked head (compiled runs, see ``fused_kernels``). The log Z is computed once and
     shared by the cross-entropy, ``token_loss`` and any ``loss_term``.
     """
-    cls = type(stab)
-    term = (lambda lt, lse, h, E: stab.loss_term(LossInputs(lt, lse, h, E))) if cls.has_hook("loss_term") else None
-    transform = stab.transform_logits if cls.has_hook("transform_logits") else None
-    tok = stab.token_loss if cls.has_hook("token_loss") else None
     E = model.output_embedding
     if uses_chunked_head(stab, chunk):
         with autocast:
             hidden = (features or model.features)(x)
         return chunked_loss(stab, hidden, E, y, chunk=chunk, precision=precision, stats=stats, fused=fused)
+    cls = type(stab)
+    term = (lambda lt, lse, h, E: stab.loss_term(LossInputs(lt, lse, h, E))) if cls.has_hook("loss_term") else None
+    transform = stab.transform_logits if cls.has_hook("transform_logits") else None
+    tok = stab.token_loss if cls.has_hook("token_loss") else None
     with autocast:
         logits, hidden = model(x)
     ce_tok, lse, reg, logits = hooked_cross_entropy(logits, y, hidden, E, transform, term, label(cls), tok)
@@ -215,11 +221,9 @@ class SingleModule:
         if not stats:
             return losses, None
         with torch.no_grad():
-            n_logits = out.lse.numel() * self.model.cfg.vocab_size
-            dt = torch.promote_types(self.model.output_embedding.dtype, torch.float32)  # as the logits
-            mu = self.model.output_embedding.float().mean(0).norm().to(dt)
-            row = torch.stack([(out.stats[0] / n_logits).to(dt), out.stats[2].to(dt),
-                               out.lse.to(dt).square().mean(), mu])
+            summary = out.logit_summary(self.model.cfg.vocab_size)
+            mu = self.model.output_embedding.float().mean(0).norm().to(summary.dtype)
+            row = torch.cat([summary, mu.unsqueeze(0)])
         return losses, row.unsqueeze(0)
 
     def member(self, row):

@@ -109,9 +109,7 @@ class PackStep:
             ces.append(out.ce.reshape(1))
             regs.append(out.reg.reshape(1))
             if want_stats:  # [mean logit, max |logit|, mean (log Z)²], as the member-chunked path computes them
-                dt = out.lse.dtype
-                st.append(torch.stack([(out.stats[0] / (out.lse.numel() * E.shape[1])).to(dt), out.stats[2].to(dt),
-                                       out.lse.square().mean()]).unsqueeze(0))
+                st.append(out.logit_summary(E.shape[1]).unsqueeze(0))
         return ces, regs, st
 
     def _head_by_member_chunk(self, h, E, ys, n_micro, kc, dh, g_e, add, want_stats):

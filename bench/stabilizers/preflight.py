@@ -100,24 +100,22 @@ def preflight(spec: str, stab: Stabilizer, model_cfg: ModelConfig) -> None:
 
         params = dict(model.named_parameters())
         e_name = next(n for n, p in params.items() if p is model.output_embedding)
-        if cls.has_hook("after_step_delta"):
-            _check_delta_agrees(spec, stab, model, e_name)
+        copies = {n: p.detach().clone() for n, p in params.items()} if cls.has_hook("after_step_delta") else None
         apply_after_step(after, params, e_name, spec)
+        if copies is not None:
+            _check_delta_agrees(spec, stab, copies, params, e_name)
     _PASSED.add(key)
 
 
-def _check_delta_agrees(spec: str, stab: Stabilizer, model: GPT, e_name: str) -> None:
-    """``after_step_delta`` passes the structural checks and moves every parameter where ``after_step`` puts it
-    (to float32 rounding), on copies of ``model``'s parameters."""
-    def copies() -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-    by_value, by_delta = copies(), copies()
-    apply_after_step(_guard(spec, "after_step", stab.after_step), by_value, e_name, spec)
-    apply_after_step(stab.after_step, by_delta, e_name, spec, delta=_guard(spec, "after_step_delta", stab.after_step_delta))
-    for name, value in by_value.items():
-        _finite(spec, "after_step_delta", f"values for {name!r}", by_delta[name])
-        if not torch.allclose(by_delta[name], value, rtol=1e-5, atol=1e-6):
+def _check_delta_agrees(spec: str, stab: Stabilizer, copies: dict[str, torch.Tensor],
+                        after: dict[str, torch.Tensor], e_name: str) -> None:
+    """``after_step_delta``, applied to ``copies`` of the parameters as they were before ``after_step``,
+    passes the structural checks and moves every parameter where ``after_step`` put it (``after``; to
+    float32 rounding)."""
+    apply_after_step(stab.after_step, copies, e_name, spec, delta=_guard(spec, "after_step_delta", stab.after_step_delta))
+    for name, value in after.items():
+        _finite(spec, "after_step_delta", f"values for {name!r}", copies[name])
+        if not torch.allclose(copies[name], value, rtol=1e-5, atol=1e-6):
             raise StabilizerError(f"stabilizer {spec!r}: after_step_delta disagrees with after_step on {name!r} "
-                                  f"(max difference {float((by_delta[name] - value).abs().max()):.3g} on small random "
+                                  f"(max difference {float((copies[name] - value).abs().max()):.3g} on small random "
                                   "inputs); it must give the same update as increments")
