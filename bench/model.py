@@ -29,34 +29,44 @@ from .presets import (ARCH_VERSION, CPU_PRESETS, PRESETS, STUDY_PRESETS, ModelCo
 
 
 def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (T, head_dim/4), float64, for the study's partial rotary embedding.
+    """cos, sin of shape (T, head_dim), float64, for the study's partial rotary embedding.
 
     The study (its nanoGPT fork, via lucidrains' rotary-embedding-torch) rotates only the
     first half of each head's dimensions: rotary dim R = head_dim/2, frequencies
     θ^(−2j/R) for j = 0 … R/2 − 1 with θ = 10,000, positions 0 … T − 1. The tables are
-    computed in float64; ``GPT.to(dtype)`` casts them to the run's dtype with the weights.
+    spread over a head's dimensions as ``apply_rope`` reads them: at position t, pair j
+    (dimensions 2j, 2j+1 < R) has cos = (cos, cos) and sin = (−sin, +sin) of t·θ^(−2j/R);
+    the unrotated dimensions ≥ R have cos = 1, sin = 0. Computed in float64;
+    ``GPT.to(dtype)`` casts them to the run's dtype with the weights.
     """
     rot = head_dim // 2
     inv_freq = base ** (-torch.arange(0, rot, 2, dtype=torch.float64) / rot)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
-    return angles.cos(), angles.sin()
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)  # (T, R/2)
+    cos = torch.ones(seq_len, head_dim, dtype=torch.float64)
+    sin = torch.zeros(seq_len, head_dim, dtype=torch.float64)
+    cos[:, :rot] = angles.cos().repeat_interleave(2, dim=-1)
+    sin[:, 0:rot:2], sin[:, 1:rot:2] = -angles.sin(), angles.sin()
+    return cos, sin
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Partial, interleaved RoPE on the last dim of x (..., T, head_dim); cos, sin (T, head_dim/4).
+    """Partial, interleaved RoPE on the last dim of x (..., T, head_dim); cos, sin (T, head_dim)
+    from ``rope_tables``.
 
     The first R = head_dim/2 dimensions form R/2 interleaved pairs (x[2j], x[2j+1]), each
     rotated by angle t·θ^(−2j/R) at position t:
         (x[2j], x[2j+1]) ← (x[2j]·cos − x[2j+1]·sin, x[2j+1]·cos + x[2j]·sin);
     the other head_dim/2 dimensions pass unrotated. So q·k after RoPE depends on the
     positions of q and k only through their offset, and norms are preserved.
+
+    Computed as x·cos + swap(x)·sin, swap exchanging the two entries of every pair: the
+    same products and sums, so the same bits, as the pairwise formula, in four ops forward
+    and backward instead of slices, stacks and a concatenation. The unrotated dimensions
+    get x·1 + (partner)·0: a non-finite partner would make them NaN, which cannot change
+    a result here (x is a LayerNorm output: a head's entries are all finite or all NaN).
     """
-    rot = 2 * cos.shape[-1]
-    pairs, rest = x[..., :rot].unflatten(-1, (-1, 2)), x[..., rot:]
-    even, odd = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    rotated = torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(-2)
-    return torch.cat([rotated, rest], dim=-1)
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x[2j+1], x[2j]) at (2j, 2j+1)
+    return x * cos.to(x.dtype) + swapped * sin.to(x.dtype)
 
 
 class Attention(nn.Module):

@@ -96,12 +96,37 @@ def test_rope_rotates_interleaved_pairs_of_the_first_half_only():
     T, D = 32, 56  # the 16M preset's head_dim: 14 rotated pairs
     x = torch.randn(T, D, dtype=torch.float64)
     cos, sin = rope_tables(T, D)
-    assert cos.shape == (T, D // 4) and cos.dtype == torch.float64
+    assert cos.shape == (T, D) and cos.dtype == torch.float64
     out = apply_rope(x, cos, sin)
     torch.testing.assert_close(out, rope_by_complex_numbers(x), rtol=0, atol=1e-13)
     assert torch.equal(out[:, D // 2:], x[:, D // 2:])  # the second half passes unrotated
     torch.testing.assert_close(out.norm(dim=-1), x.norm(dim=-1), rtol=1e-14, atol=0)  # norms preserved
     torch.testing.assert_close(out[0], x[0], rtol=0, atol=0)  # position 0 is the identity
+
+
+def rope_pairwise(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """Reference: the pairwise formula as written, (x[2j]·cos − x[2j+1]·sin, x[2j+1]·cos + x[2j]·sin)
+    on the first half of x (..., T, head_dim), the second half concatenated unchanged."""
+    T, D = x.shape[-2:]
+    R = D // 2
+    angle = torch.outer(torch.arange(T, dtype=torch.float64), base ** (-torch.arange(0, R, 2, dtype=torch.float64) / R))
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    even, odd = x[..., 0:R:2], x[..., 1:R:2]
+    rotated = torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(-2)
+    return torch.cat([rotated, x[..., R:]], dim=-1)
+
+
+def test_rope_gives_the_pairwise_formulas_bits_forward_and_backward():
+    """x·cos + swap(x)·sin forms the same products and sums as the pairwise formula: fp32 bits agree,
+    values and gradients."""
+    torch.manual_seed(2)
+    x = torch.randn(3, 4, 64, 16, requires_grad=True)  # (B, heads, T, head_dim) as the model calls it
+    g = torch.randn(3, 4, 64, 16)
+    cos, sin = rope_tables(64, 16)
+    ours = apply_rope(x, cos.float(), sin.float())
+    ref = rope_pairwise(x)
+    assert torch.equal(ours, ref)
+    assert torch.equal(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(ref, x, g)[0])
 
 
 def test_rope_scores_depend_only_on_the_offset():
