@@ -186,10 +186,12 @@ class FoldedGrad(NamedTuple):
     """A chunk's ∂loss/∂raw in factored form, g = diag(row)·q − diag(target)·onehot(y), so that its
     (n × V) scaling and its one-hot term are applied to the (n × H) sides of the two GEMMs instead of
     costing passes over the logits. q (n, V): softmax(l), times f′(raw) under a transform; row (n,):
-    (1 + ∂pen/∂lse)/N; target (n,): f′(raw) at the target, /N."""
+    (1 + ∂pen/∂lse)/N; target (n,): f′(raw) at the target, /N. Without a token loss row is the number
+    1/N and target None: the one-hot term is already in q (q[i, y_i] −= f′ at the target, n entries
+    written), so g = q/N."""
     q: torch.Tensor
-    row: torch.Tensor
-    target: torch.Tensor
+    row: torch.Tensor | float
+    target: torch.Tensor | None
 
 
 def _apply_folded(g: FoldedGrad, hc: torch.Tensor, Ec: torch.Tensor, y: torch.Tensor, grad_h: torch.Tensor,
@@ -197,14 +199,17 @@ def _apply_folded(g: FoldedGrad, hc: torch.Tensor, Ec: torch.Tensor, y: torch.Te
     """Writes the chunk's ∂/∂h = diag(row)·q·E − diag(target)·E[y] into ``grad_h`` (n, H) and adds its
     ∂/∂Eᵀ = (diag(row)·h)ᵀ·q − (the rows target·h, added into the columns y) to ``grad_Et`` (H, V)
     (written instead of added for the first chunk)."""
+    row = g.row if isinstance(g.row, float) else g.row.unsqueeze(1)
     torch.mm(g.q, Ec, out=grad_h)
-    grad_h.mul_(g.row.unsqueeze(1)).sub_(Ec[y] * g.target.unsqueeze(1))
-    h_row = hc * g.row.unsqueeze(1)
+    grad_h.mul_(row)
+    h_row = hc * row
     if first:
         torch.mm(h_row.T, g.q, out=grad_Et)
     else:
         grad_Et.addmm_(h_row.T, g.q)
-    grad_Et.index_add_(1, y, (hc * g.target.unsqueeze(1)).T, alpha=-1)
+    if g.target is not None:
+        grad_h.sub_(Ec.index_select(0, y) * g.target.unsqueeze(1))
+        grad_Et.index_add_(1, y, (hc * g.target.unsqueeze(1)).T, alpha=-1)
 
 
 def _penalty(token_loss: TokenLoss | None, lse: torch.Tensor, want_grad: bool):
@@ -268,11 +273,11 @@ def _eager_chunk(raw, y, transform, with_slope, token_loss, N: int, want_grad: b
     if not want_grad:
         return lse, ce.sum(), pen_sum, st, None
     if fold and (dlt is not None or transform is None):
-        row = (1 + slope) / N if slope is not None else torch.full_like(ce, 1.0 / N)
-        if dlt is None:
-            return lse, ce.sum(), pen_sum, st, FoldedGrad(p, row, torch.full_like(ce, 1.0 / N))
-        target = dlt.gather(1, yc).squeeze(1) / N
-        return lse, ce.sum(), pen_sum, st, FoldedGrad(p.mul_(dlt), row, target)
+        at_target = dlt.gather(1, yc) if dlt is not None else torch.ones_like(yc, dtype=p.dtype)  # f′ at y, (n, 1)
+        q = p.mul_(dlt) if dlt is not None else p
+        if slope is None:  # every row scaled by 1/N: the one-hot term joins q (n entries)
+            return lse, ce.sum(), pen_sum, st, FoldedGrad(q.scatter_add_(1, yc, at_target.neg_()), 1.0 / N, None)
+        return lse, ce.sum(), pen_sum, st, FoldedGrad(q, (1 + slope) / N, at_target.squeeze(1) / N)
     # ∂(ce + penalty)/∂l = softmax(l)·(1 + ∂pen/∂lse) − onehot(y); the mean over N tokens: / N
     g = p
     g.mul_(((1 + slope) / N).unsqueeze(1) if slope is not None else 1.0 / N)

@@ -173,6 +173,20 @@ def apply_after_step(model: GPT, stab: Stabilizer) -> None:
     apply_hook(stab.after_step, params, e_name, label(type(stab)), delta=delta)
 
 
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)``: returns the global L2 norm of
+    the gradients, and scales them in place by min(1, max_norm / (norm + 1e-6)). On CPU the scaling, a
+    pass over every gradient, is skipped where that factor is exactly 1 (it would change no bit; a
+    NaN factor still scales); torch always scales, to keep a GPU free of a host sync."""
+    utils = torch.nn.utils
+    if not params or params[0].device.type != "cpu" or not hasattr(utils, "get_total_norm"):  # torch < 2.6
+        return utils.clip_grad_norm_(params, max_norm, foreach=True)
+    norm = utils.get_total_norm([p.grad for p in params if p.grad is not None], 2.0, False, True)
+    if bool(torch.clamp(max_norm / (norm + 1e-6), max=1.0) != 1.0):
+        utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+    return norm
+
+
 class SingleModule:
     """K = 1: one GPT trained by torch's AdamW (its fused kernel, or its foreach path: ``cfg.adamw``)."""
 
@@ -212,7 +226,7 @@ class SingleModule:
             (out.total / n).backward()
             ce_acc, reg_acc = ce_acc + out.ce / n, reg_acc + out.reg / n
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
+        grad_norm = clip_grad_norm(list(self.model.parameters()), clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if type(self.stab).has_hook("after_step"):

@@ -114,3 +114,45 @@ def test_a_target_whose_probability_underflows_keeps_a_finite_exact_loss(chunk):
     torch.testing.assert_close(lse32.double(), lse64, rtol=1e-6, atol=1e-5)
     assert float(ce32) == pytest.approx(float(ce64), rel=1e-6)
     assert float(ce64) > 150 / N  # the token's loss counts in full
+
+
+@pytest.mark.parametrize("scale, max_norm", [(10.0, 1.0), (1e-3, 1.0), (1.0, math.inf), (math.nan, 1.0)],
+                         ids=["clips", "below-the-clip", "no-clip", "nan-gradient"])
+def test_clipping_gives_torchs_bits_and_skips_the_scaling_only_where_it_is_by_one(scale, max_norm):
+    """``clip_grad_norm`` returns torch's norm and leaves torch's gradients; where min(1, max/(norm+1e-6))
+    is exactly 1 it does not touch them (a scaling by 1 changes no bit), else it scales them (NaN too)."""
+    from bench.train_module import clip_grad_norm
+    torch.manual_seed(0)
+    grads = [torch.randn(7, 5) * scale, torch.randn(5) * scale]
+    ours = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    ref = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, q, g in zip(ours, ref, grads):
+        p.grad, q.grad = g.clone(), g.clone()
+    versions = [p.grad._version for p in ours]
+    norm = clip_grad_norm(ours, max_norm)
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref, max_norm, foreach=True)
+    assert torch.equal(norm, ref_norm) or (norm.isnan() and ref_norm.isnan())
+    for p, q in zip(ours, ref):
+        assert torch.equal(p.grad, q.grad) or (p.grad.isnan().all() and q.grad.isnan().all())
+    scaled = [p.grad._version != v for p, v in zip(ours, versions)]
+    assert scaled == [scale == 10.0 or math.isnan(scale)] * 2
+
+
+def test_a_packs_clipping_skips_the_scaling_only_where_every_member_is_below_its_clip():
+    from bench.pack.optim import PackedAdamW
+    from bench.pack.store import FlatParams
+
+    class _M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(6, 5))
+
+    store = FlatParams.from_models([_M(), _M()])
+    opt = PackedAdamW(store, betas=[(0.9, 0.95)] * 2, eps=[1e-8] * 2, weight_decay=[0.0] * 2, grad_clip=[1.0, 1.0])
+    for big, expect_scaled in ((1e-3, False), (10.0, True)):
+        store.grad.copy_(torch.randn_like(store.grad) * torch.tensor([[1e-3], [big]]))
+        before, version = store.grad.clone(), store.grad._version
+        norms = opt.clip_grad_norm_()
+        assert (store.grad._version != version) is expect_scaled
+        coef = torch.clamp(1.0 / (norms + 1e-6), max=1.0)
+        assert torch.equal(store.grad, before * coef.unsqueeze(1))
