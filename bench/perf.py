@@ -288,7 +288,7 @@ def hook_time(s, y: torch.Tensor, reps: int = 20) -> float:
     ``loss_term`` forward + backward (its inputs as the trainer builds them; gradients land in throwaway
     tensors, E's added to a gradient already there, as the head's is in training) and ``apply_after_step`` on the model. Hooks a stabilizer does not override cost 0, as in the trainer."""
     from .stabilizers import LossInputs
-    from .train_module import apply_after_step, transform_with_slope, uses_chunked_head
+    from .train_module import AfterStep, transform_with_slope, uses_chunked_head
 
     stab, model, dev = s.stab, s.model, s.device
     has = {h: type(stab).has_hook(h) for h in ("transform_logits", "token_loss", "loss_term", "after_step")}
@@ -303,6 +303,7 @@ def hook_time(s, y: torch.Tensor, reps: int = 20) -> float:
     E.grad = torch.zeros_like(E)  # the head's ∂E, there before the term's, as in training: the term's is added to it
     with_slope = transform_with_slope(stab) if uses_chunked_head(stab, s.chunk) else None
     g_out = torch.empty_like(g) if with_slope is not None else None
+    after = AfterStep(model, stab) if has["after_step"] else None  # built once, as the trainer's
 
     def hooks() -> None:
         out = logits
@@ -318,8 +319,8 @@ def hook_time(s, y: torch.Tensor, reps: int = 20) -> float:
             reg = stab.loss_term(LossInputs(out.detach().requires_grad_(), lse, hidden, E))
             if reg is not None:
                 reg.backward()
-        if has["after_step"]:
-            apply_after_step(model, stab)
+        if after is not None:
+            after()
 
     def drop_grads() -> None:
         logits.grad = lse.grad = hidden.grad = None

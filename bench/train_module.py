@@ -164,13 +164,24 @@ def chunked_loss(stab: Stabilizer, hidden: torch.Tensor, E: torch.Tensor, y: tor
     return Loss(total, ce, reg, lse, hidden, st)
 
 
-def apply_after_step(model: GPT, stab: Stabilizer) -> None:
+class AfterStep:
     """``stab.after_step`` applied to ``model``'s parameters in place (through ``after_step_delta``,
-    added in place, where the stabilizer gives one)."""
-    params, E = dict(model.named_parameters()), model.output_embedding
-    e_name = next(n for n, p in params.items() if p is E)
-    delta = stab.after_step_delta if type(stab).has_hook("after_step_delta") else None
-    apply_hook(stab.after_step, params, e_name, label(type(stab)), delta=delta)
+    added in place, where the stabilizer gives one), once per optimizer step; the parameter map, E's
+    name and the hooks are looked up once, not every step."""
+
+    def __init__(self, model: GPT, stab: Stabilizer):
+        self.params = dict(model.named_parameters())
+        self.e_name = next(n for n, p in self.params.items() if p is model.output_embedding)
+        self.hook, self.label = stab.after_step, label(type(stab))
+        self.delta = stab.after_step_delta if type(stab).has_hook("after_step_delta") else None
+
+    def __call__(self) -> None:
+        apply_hook(self.hook, self.params, self.e_name, self.label, delta=self.delta)
+
+
+def apply_after_step(model: GPT, stab: Stabilizer) -> None:
+    """``AfterStep(model, stab)`` applied once."""
+    AfterStep(model, stab)()
 
 
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -212,6 +223,7 @@ class SingleModule:
         self.features = torch.compile(self.model.features) if cfg.compile else None
         self.fused = fused_kernels(self.stab, cfg.head_chunk, cfg.compile, self.device)
         self.n_micro = cfg.batch_size // (cfg.micro_batch_size or cfg.batch_size)
+        self.after_step = AfterStep(self.model, self.stab) if type(self.stab).has_hook("after_step") else None
 
     def train_batch(self, x, y, lrs, stats):
         for group in self.opt.param_groups:
@@ -229,8 +241,8 @@ class SingleModule:
         grad_norm = clip_grad_norm(list(self.model.parameters()), clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        if type(self.stab).has_hook("after_step"):
-            apply_after_step(self.model, self.stab)
+        if self.after_step is not None:
+            self.after_step()
         losses = torch.stack([ce_acc.float(), reg_acc.float(), grad_norm.float()]).unsqueeze(1)
         if not stats:
             return losses, None
