@@ -286,7 +286,9 @@ def hook_time(s, y: torch.Tensor, reps: int = 20) -> float:
     ``transform_logits_with_slope`` and one multiplication of the logit gradient by the slope where the
     chunked head serves the stabilizer and it gives one, else through autograd —, ``token_loss`` and
     ``loss_term`` forward + backward (its inputs as the trainer builds them; gradients land in throwaway
-    tensors, E's added to a gradient already there, as the head's is in training) and ``apply_after_step`` on the model. Hooks a stabilizer does not override cost 0, as in the trainer."""
+    tensors, E's added to a gradient already there, as the head's is in training) and the run's ``AfterStep``
+    (built once, as the trainer builds it) on the model. Hooks a stabilizer does not override cost 0, as in
+    the trainer."""
     from .stabilizers import LossInputs
     from .train_module import AfterStep, transform_with_slope, uses_chunked_head
 
