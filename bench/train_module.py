@@ -179,11 +179,6 @@ class AfterStep:
         apply_hook(self.hook, self.params, self.e_name, self.label, delta=self.delta)
 
 
-def apply_after_step(model: GPT, stab: Stabilizer) -> None:
-    """``AfterStep(model, stab)`` applied once."""
-    AfterStep(model, stab)()
-
-
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)``: returns the global L2 norm of
     the gradients, and scales them in place by min(1, max_norm / (norm + 1e-6)). On CPU the scaling, a
@@ -213,8 +208,9 @@ class SingleModule:
         self.stab = make_stabilizer(cfg.stabilizer, **cfg.hparams)
         torch.manual_seed(cfg.seed)
         self.model = GPT(cfg.model_config()).to(self.device, param_dtype(self.precision))
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        self.params = list(self.model.parameters())  # the step clips these (a tied matrix once)
+        decay = [p for p in self.params if p.dim() >= 2]
+        no_decay = [p for p in self.params if p.dim() < 2]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                       {"params": no_decay, "weight_decay": 0.0}],
                                      lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **self._kernel())
@@ -238,7 +234,7 @@ class SingleModule:
             (out.total / n).backward()
             ce_acc, reg_acc = ce_acc + out.ce / n, reg_acc + out.reg / n
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        grad_norm = clip_grad_norm(list(self.model.parameters()), clip)
+        grad_norm = clip_grad_norm(self.params, clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if self.after_step is not None:

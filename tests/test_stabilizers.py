@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from bench.model import GPT, preset
 from bench.stabilizers import BUILTIN, OUTPUT_EMBEDDING, StabilizerError, make_stabilizer
-from bench.train_module import apply_after_step, stabilized_loss
+from bench.train_module import AfterStep, stabilized_loss
 from contextlib import nullcontext
 
 
@@ -79,7 +79,7 @@ def test_mucentering_step_leaves_zero_row_mean(tied):
     model = _model(tied)
     with torch.no_grad():
         model.output_embedding.add_(3.0)  # a large common offset
-    apply_after_step(model, make_stabilizer("mucentering"))
+    AfterStep(model, make_stabilizer("mucentering"))()
     E = model.output_embedding
     assert E.mean(dim=0).abs().max().item() < 1e-6
     if tied:
