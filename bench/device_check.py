@@ -9,7 +9,8 @@ budget is spent are recorded as skipped):
    within bf16 tolerance; divergence isolation in a pack; checkpoint and resume.
 2. ``perf``: ``bench.perf`` per preset (16M, 57M, 109M, 221M on CUDA at 16 × 2048 tokens, V = 50,304):
    step time, tokens/s, MFU against the measured bf16 GEMM peak, peak memory (``max_memory_allocated``),
-   chunked vs unchunked loss head; and the loss head alone.
+   chunked vs unchunked loss head; the loss head alone; then 109M and 221M compiled (the study's
+   ``compile = true``; compile time, without the unchunked comparison, which would compile twice).
 3. ``packed``: trials/hour of short 16M trials packed (K = 4, 8, 16) vs one at a time.
 
 Output: ``<out>/gpu-<device>.json`` and ``.md`` (``<device>`` from the GPU's name, e.g.
@@ -41,9 +42,10 @@ STAGES = ("tests", "perf", "packed")
 def plan(device: str, quick: bool) -> dict[str, Any]:
     """Sizes of each stage: the study's on CUDA, tiny ones for the CPU dry run."""
     if device == "cuda" and not quick:
-        return {"presets": ["16M", "57M", "109M", "221M"], "batch_size": 16, "seq_len": 2048, "vocab_size": 50304,
+        return {"presets": ["16M", "57M", "109M", "221M"], "compiled_presets": ["109M", "221M"],
+                "batch_size": 16, "seq_len": 2048, "vocab_size": 50304,
                 "pack_preset": "16M", "pack_ks": [4, 8, 16], "pack_steps": 30, "precision": "bf16", "budget_s": 420}
-    return {"presets": ["nano", "micro"], "batch_size": 4, "seq_len": 32, "vocab_size": 512,
+    return {"presets": ["nano", "micro"], "compiled_presets": ["nano"], "batch_size": 4, "seq_len": 32, "vocab_size": 512,
             "pack_preset": "nano", "pack_ks": [2, 4], "pack_steps": 5,
             "precision": "bf16" if device == "cuda" else "fp32", "budget_s": 300}
 
@@ -59,41 +61,52 @@ def _stage(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_tests(device: str, repo: Path, timeout_s: float) -> dict[str, Any]:
-    """``pytest -m cuda tests/test_cuda.py`` on ``device`` (``STABENCH_TEST_DEVICE``), counted from its JUnit XML."""
+    """``pytest -m cuda tests/test_cuda.py`` on ``device`` (``STABENCH_TEST_DEVICE``), counted from its JUnit XML,
+    with each test's seconds. Past ``timeout_s`` pytest is stopped and the stage fails with its output's tail
+    (which names the test it was in)."""
     test_file = repo / "tests" / "test_cuda.py"
     if not test_file.exists():
         raise FileNotFoundError(f"{test_file} (run the check from a checkout of the project)")
     with tempfile.TemporaryDirectory() as tmp:
-        xml = Path(tmp) / "junit.xml"
+        xml, log = Path(tmp) / "junit.xml", Path(tmp) / "pytest.log"
         env = {**os.environ, "STABENCH_TEST_DEVICE": device}
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
-                               f"--junitxml={xml}", str(test_file)], cwd=repo, env=env, capture_output=True,
-                              text=True, timeout=timeout_s)
+        with open(log, "w") as out:
+            try:
+                proc = subprocess.run([sys.executable, "-m", "pytest", "-v", "-m", "cuda", "-p", "no:cacheprovider",
+                                       f"--junitxml={xml}", str(test_file)], cwd=repo, env=env, stdout=out,
+                                      stderr=subprocess.STDOUT, timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                raise TimeoutError(f"the CUDA tests ran past {timeout_s:.0f} s; their output ends: "
+                                   f"{log.read_text()[-1500:]}") from None
+        tail = log.read_text()[-3000:]
         suite = ET.parse(xml).getroot()
         suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
         cases = suite.findall("testcase")
         failed = [c.get("name") for c in cases if c.find("failure") is not None or c.find("error") is not None]
         skipped = [c.get("name") for c in cases if c.find("skipped") is not None]
+        seconds = {c.get("name"): round(float(c.get("time", 0)), 2) for c in cases}
     return {"returncode": proc.returncode, "tests": len(cases), "passed": len(cases) - len(failed) - len(skipped),
-            "failed": failed, "skipped": skipped, "output_tail": proc.stdout[-2000:] + proc.stderr[-1000:]}
+            "failed": failed, "skipped": skipped, "test_seconds": seconds, "output_tail": tail}
 
 
 def run_perf_stage(device: str, p: dict[str, Any], deadline: float, quick: bool, log) -> dict[str, Any]:
-    """``bench.perf`` preset by preset (each a full result of its own), until ``deadline``."""
+    """``bench.perf`` preset by preset (each a full result of its own), then the compiled presets, until
+    ``deadline``."""
     from .perf import run_perf
 
-    rows, skipped, head, peak = [], [], None, None
-    for i, name in enumerate(p["presets"]):
+    rows, compiled, skipped, head, peak = [], [], [], None, None
+    runs = [(name, False) for name in p["presets"]] + [(name, True) for name in p["compiled_presets"]]
+    for i, (name, compile_) in enumerate(runs):
         if time.monotonic() > deadline:
-            skipped.append(name)
+            skipped.append(name + (" compiled" if compile_ else ""))
             continue
         res = run_perf([name], quick=quick, device=device, precision=p["precision"], threads=None,
-                       batch_size=p["batch_size"], seq_len=p["seq_len"], vocab_size=p["vocab_size"], compile_=False,
-                       sections={"head"} if i == 0 else set(), log=log)
-        rows += res["presets"]
+                       batch_size=p["batch_size"], seq_len=p["seq_len"], vocab_size=p["vocab_size"], compile_=compile_,
+                       sections={"head"} if i == 0 else set(), compare=not compile_, log=log)
+        (compiled if compile_ else rows).extend(res["presets"])
         head = head or res["head"]
         peak = peak or res["peak"]
-    return {"presets": rows, "head": head, "peak": peak, "skipped_presets": skipped}
+    return {"presets": rows, "compiled": compiled, "head": head, "peak": peak, "skipped_presets": skipped}
 
 
 def run_packed_stage(device: str, p: dict[str, Any], deadline: float) -> dict[str, Any]:
@@ -143,8 +156,11 @@ def device_slug(device: str) -> str:
     return "gpu-" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-")
 
 
-def check(device: str, quick: bool, repo: Path, budget_s: float | None = None, log=print) -> dict[str, Any]:
-    """Run the three stages; the result has every key of ``FIELDS`` and every stage of ``STAGES``."""
+def check(device: str, quick: bool, repo: Path, budget_s: float | None = None, log=print,
+          save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run the three stages; the result has every key of ``FIELDS`` and every stage of ``STAGES``.
+    ``save(result)`` is called after each stage with the result so far (stages not yet run say so), so a
+    check stopped from outside still leaves what it measured."""
     import torch
 
     from . import provenance
@@ -156,22 +172,42 @@ def check(device: str, quick: bool, repo: Path, budget_s: float | None = None, l
     budget = budget_s or p["budget_s"]
     start = time.monotonic()
     deadline = start + budget
-    log(f"device check on {device}: tests…")
-    stages = {"tests": _stage(lambda: run_tests(device, repo, timeout_s=max(budget * 0.5, 60)))}
-    log("device check: perf…")
-    stages["perf"] = _stage(lambda: run_perf_stage(device, p, deadline - budget * 0.15, quick, log))
-    log("device check: packed vs unpacked…")
-    stages["packed"] = _stage(lambda: run_packed_stage(device, p, deadline))
-    mfu = {r["preset"]: r["mfu"] for r in stages["perf"].get("presets", [])}
-    factors = [r["factor"] for r in stages["packed"].get("rows", []) if "factor" in r]
-    targets = {"mfu_109M_221M": {"target": TARGETS["mfu_109M_221M"], "measured": {k: mfu.get(k) for k in ("109M", "221M")},
-                                 "met": all(mfu.get(k, 0) >= TARGETS["mfu_109M_221M"] for k in ("109M", "221M"))},
-               "packed_factor_16M": {"target": TARGETS["packed_factor_16M"], "measured": max(factors, default=None),
-                                     "met": max(factors, default=0) >= TARGETS["packed_factor_16M"]}}
-    return {"created_at": provenance.utc_now(), "device": device,
+    stages: dict[str, Any] = {s: {"ok": False, "error": "not run: the check stopped before this stage"}
+                              for s in STAGES}
+    head = {"created_at": provenance.utc_now(), "device": device,
             "device_name": provenance.device_name(torch.device(device)), "quick": quick, "budget_s": budget,
-            "wall_s": time.monotonic() - start, "versions": provenance.versions(), "plan": p,
-            "stages": stages, "targets": targets}
+            "versions": provenance.versions(), "plan": p}
+
+    def result() -> dict[str, Any]:
+        return {**head, "wall_s": time.monotonic() - start, "stages": stages, "targets": targets(stages)}
+
+    runs = {"tests": lambda: run_tests(device, repo, timeout_s=max(budget * 0.5, 60)),
+            "perf": lambda: run_perf_stage(device, p, deadline - budget * 0.15, quick, log),
+            "packed": lambda: run_packed_stage(device, p, deadline)}
+    for name in STAGES:
+        log(f"device check on {device}: {name}…")
+        stages[name] = _stage(runs[name])
+        log(f"device check: {name} {'done' if stages[name]['ok'] else 'FAILED: ' + stages[name]['error'][:500]} "
+            f"in {stages[name]['seconds']:.0f} s")
+        if save is not None:
+            save(result())
+    return result()
+
+
+def targets(stages: dict[str, Any]) -> dict[str, Any]:
+    """The issue's GPU targets against what the stages measured (None where a stage did not measure it).
+    MFU is judged on the compiled rows where the check has them (the study's protocol compiles), the eager
+    rows beside them."""
+    eager = {r["preset"]: r["mfu"] for r in stages["perf"].get("presets", [])}
+    compiled = {r["preset"]: r["mfu"] for r in stages["perf"].get("compiled", [])}
+    mfu = compiled or eager
+    factors = [r["factor"] for r in stages["packed"].get("rows", []) if "factor" in r]
+    return {"mfu_109M_221M": {"target": TARGETS["mfu_109M_221M"], "measured": {k: mfu.get(k) for k in ("109M", "221M")},
+                              "of": "compiled" if compiled else "eager",
+                              "eager": {k: eager.get(k) for k in ("109M", "221M")},
+                              "met": all((mfu.get(k) or 0) >= TARGETS["mfu_109M_221M"] for k in ("109M", "221M"))},
+            "packed_factor_16M": {"target": TARGETS["packed_factor_16M"], "measured": max(factors, default=None),
+                                  "met": max(factors, default=0) >= TARGETS["packed_factor_16M"]}}
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -186,13 +222,20 @@ def markdown(res: dict[str, Any]) -> str:
     perf = st["perf"]
     if perf.get("presets"):
         peak = next(iter(perf["peak"].values()))
-        out += [f"GEMM peak {peak['flops'] / 1e12:.1f} TFLOP/s ({peak['dtype']}, {peak.get('method', '')}).", "",
+        out += [f"GEMM peak {peak['flops'] / 1e12:.1f} TFLOP/s ({peak['dtype']}, {peak.get('method', '')}); "
+                f"{perf['presets'][0]['batch_size']} × {perf['presets'][0]['seq_len']} tokens per step, eager, the loss "
+                f"head in chunks of {perf['presets'][0]['head_chunk']} tokens (unchunked: `head_chunk = 0`).", "",
                 "| preset | step (ms) | tokens/s | MFU | peak memory (GiB) | unchunked step (ms) | unchunked peak (GiB) |",
                 "|---|---|---|---|---|---|---|"]
         gib = lambda b: f"{b / 2**30:.1f}" if b is not None else "n/a"  # noqa: E731
         out += [f"| `{r['preset']}` | {r['step_time_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | {r['mfu']:.0%} | "
                 f"{gib(r['peak_memory_bytes'])} | {r['step_time_unchunked_s'] * 1e3:.1f} | "
                 f"{gib(r['peak_memory_unchunked_bytes'])} |" for r in perf["presets"]]
+        if perf.get("compiled"):
+            out += ["", "Compiled (the study's `compile = true`; first step's compile time):", "",
+                    "| preset | step (ms) | tokens/s | MFU | peak memory (GiB) | compile (s) |", "|---|---|---|---|---|---|"]
+            out += [f"| `{r['preset']}` | {r['step_time_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | {r['mfu']:.0%} | "
+                    f"{gib(r['peak_memory_bytes'])} | {r['compile_s']:.0f} |" for r in perf["compiled"]]
         if perf.get("skipped_presets"):
             out += ["", f"Skipped (time budget): {', '.join(perf['skipped_presets'])}."]
     elif not perf["ok"]:
@@ -206,8 +249,14 @@ def markdown(res: dict[str, Any]) -> str:
                 f"{r['factor']:.2f}× |" if "factor" in r else f"| {r['k']} | skipped | | |" for r in pk["rows"]]
     elif not pk["ok"]:
         out += ["", f"packed stage error: {pk['error']}"]
-    out += ["", "Targets: " + "; ".join(f"{k} ≥ {v['target']}: {'met' if v['met'] else 'not met'} "
-                                       f"(measured {v['measured']})" for k, v in res["targets"].items())]
+    tg = targets(st)  # from the stages, so a JSON written by an earlier version renders the same way
+    pct = lambda x: "n/a" if x is None else f"{x:.1%}"  # noqa: E731
+    m, f = tg["mfu_109M_221M"], tg["packed_factor_16M"]
+    out += ["", f"Targets: MFU ≥ {m['target']:.0%} at 109M and 221M ({m['of']}): "
+                f"{' / '.join(pct(v) for v in m['measured'].values())}, {'met' if m['met'] else 'not met'}"
+                + (f" (eager {' / '.join(pct(v) for v in m['eager'].values())})" if m["of"] == "compiled" else "")
+                + f"; packed 16M trials ≥ {f['target']:.0f}× unpacked: "
+                + ("n/a" if f["measured"] is None else f"{f['measured']:.2f}×") + f", {'met' if f['met'] else 'not met'}."]
     return "\n".join(out) + "\n"
 
 
@@ -227,12 +276,19 @@ def main(name: str, args) -> int:
     if args.budget_s is not None and not args.budget_s > 0:
         raise UsageError(f"--budget-s must be > 0 seconds, got {args.budget_s}")
     repo = Path(__file__).resolve().parent.parent
-    res = check(args.device, args.quick, repo, args.budget_s, log=lambda m: print(m, file=sys.stderr, flush=True))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / device_slug(args.device)
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=2, default=str) + "\n")
-    stem.with_suffix(".md").write_text(markdown(res))
+
+    def save(res: dict[str, Any]) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        stem = out / device_slug(args.device)
+        for suffix, text in ((".json", json.dumps(res, indent=2, default=str) + "\n"), (".md", markdown(res))):
+            path = stem.with_suffix(suffix)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)  # a reader never sees half a file, even when the check is stopped mid-write
+
+    res = check(args.device, args.quick, repo, args.budget_s, log=lambda m: print(m, file=sys.stderr, flush=True),
+                save=save)
     print(markdown(res))
-    print(f"wrote {stem}.json and {stem}.md")
+    print(f"wrote {out / device_slug(args.device)}.json and .md")
     return 0 if all(res["stages"][s]["ok"] for s in STAGES) and not res["stages"]["tests"].get("failed") else 1

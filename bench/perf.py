@@ -131,11 +131,13 @@ def previous_path(cfg: RunConfig) -> dict[str, Any]:
     return {"head_chunk": 0} if machine_device(cfg.device) == "cuda" else {"head_chunk": 0, "adamw": "foreach"}
 
 
-def preset_row(cfg: RunConfig, data, steps: int, warmup_steps: int, peak: float, rounds: int = 3) -> dict[str, Any]:
+def preset_row(cfg: RunConfig, data, steps: int, warmup_steps: int, peak: float, rounds: int = 3,
+               compare: bool = True) -> dict[str, Any]:
     """Step time of ``cfg`` (its head_chunk) and of the previous path (``previous_path``: the unchunked
     head, and on CPU AdamW's foreach path) interleaved in ``rounds`` rounds, the first step's time
     (compile included when compiled), and the peak memory of one step of each, measured and estimated.
-    The ``*_unchunked`` fields are the previous path's."""
+    The ``*_unchunked`` fields are the previous path's; None with ``compare=False`` (``cfg`` alone:
+    a compiled row spares the previous path's compilation)."""
     from .memory import estimate_step_bytes, measure_peak_bytes
 
     t0 = time.perf_counter()
@@ -144,7 +146,7 @@ def preset_row(cfg: RunConfig, data, steps: int, warmup_steps: int, peak: float,
     setup = time.perf_counter() - t0 - first
     before = previous_path(cfg)
     prev = cfg.replace(**before)
-    old = StepTimer(prev, data) if prev != cfg else None
+    old = StepTimer(prev, data) if compare and prev != cfg else None
     for t in (timer, old):
         if t is not None:
             t.run(warmup_steps)
@@ -175,6 +177,9 @@ def preset_row(cfg: RunConfig, data, steps: int, warmup_steps: int, peak: float,
     if old is not None:
         row["peak_memory_unchunked_bytes"] = measure_peak_bytes(lambda: old.run(1), old.s.device)
         row["estimated_memory_unchunked_bytes"] = estimate_step_bytes(prev)
+    elif not compare:
+        row.update(step_time_unchunked_s=None, unchunked_over_chunked=None, peak_memory_unchunked_bytes=None,
+                   estimated_memory_unchunked_bytes=None, previous_path=None)
     else:
         row["peak_memory_unchunked_bytes"], row["estimated_memory_unchunked_bytes"] = peak_mem, row["estimated_memory_bytes"]
     return row
@@ -397,7 +402,7 @@ def machine() -> dict[str, Any]:
 def run_perf(presets: list[str], *, quick: bool, device: str, precision: str, threads: int | None,
              batch_size: int, seq_len: int, vocab_size: int | None, compile_: bool,
              sections: set[str], overhead_presets: list[str] | None = None, head_chunk: int | None = None,
-             log=print) -> dict[str, Any]:
+             compare: bool = True, log=print) -> dict[str, Any]:
     from .data import load_data
 
     knobs = QUICK if quick else FULL
@@ -427,7 +432,8 @@ def run_perf(presets: list[str], *, quick: bool, device: str, precision: str, th
         "peak": peaks, "presets": [], "overhead": [], "layouts": [], "packed": [], "head": None}
     for name in presets:
         log(f"timing preset {name}…")
-        row = preset_row(base.replace(model=name), data, knobs["steps"], knobs["warmup_steps"], peak["flops"])
+        row = preset_row(base.replace(model=name), data, knobs["steps"], knobs["warmup_steps"], peak["flops"],
+                         compare=compare)
         result["presets"].append(row)
     if "head" in sections:
         from .presets import preset as model_preset
@@ -518,8 +524,9 @@ def format_markdown(result: dict[str, Any]) -> str:
     """The README's Performance tables from a ``stabench perf`` result."""
     st, m = result["settings"], result["machine"]
     peak = next(iter(result["peak"].values()))
-    out = [f"Measured {result['created_at'][:10]} on {m['processor']} ({m['cpu_count']} cores, "
-           f"{st['threads']} threads, {st['precision']}, batch {st['batch_size']} × seq {st['seq_len']}, "
+    where = (f"{m['cuda']} (host: {m['cpu_count']} cores" if st["device"] == "cuda" and m.get("cuda")
+             else f"{m['processor']} ({m['cpu_count']} cores, {st['threads']} threads")
+    out = [f"Measured {result['created_at'][:10]} on {where}, {st['precision']}, batch {st['batch_size']} × seq {st['seq_len']}, "
            f"V = {st['vocab_size']}); GEMM peak {peak['flops'] / 1e9:.0f} GFLOP/s ({peak['dtype']}, {peak['size']}²).",
            "", "| preset | parameters | step (ms, median) | p10–p90 (ms) | tokens/s | GFLOP/s | MFU |",
            "|---|---|---|---|---|---|---|"]

@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "device-check: torch sees no CUDA device here")'
 if [ -n "${1:-}" ]; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/stabench-site "$1"/*.whl
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/stabench-site "$1"/*.whl
     export PYTHONPATH="/tmp/stabench-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 else
     "$PY" -m pip install -q -e . 2>/dev/null || "$PY" -m pip install -q --no-deps -e .

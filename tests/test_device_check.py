@@ -20,12 +20,15 @@ def test_the_cpu_dry_run_writes_every_field(tmp_path):
     for row in perf["presets"]:
         assert row["step_time_s"] > 0 and 0 < row["mfu"] < 1.5 and row["peak_memory_bytes"] > 0
         assert row["step_time_unchunked_s"] > 0
+    (compiled,) = perf["compiled"]  # the study's compile = true, without the unchunked comparison
+    assert compiled["preset"] == "nano" and compiled["compile"] and compiled["compile_s"] is not None
+    assert compiled["step_time_s"] > 0 and compiled["step_time_unchunked_s"] is None
     packed = res["stages"]["packed"]
     assert [r["k"] for r in packed["rows"]] == [2, 4]
     assert all(r["packed_trials_per_hour"] > 0 and r["factor"] > 0 for r in packed["rows"])
     assert set(res["targets"]) == {"mfu_109M_221M", "packed_factor_16M"}
     md = (tmp_path / "cpu-dry-run.md").read_text()
-    assert "CUDA tests: " in md and "| `micro` |" in md and "Packed vs unpacked" in md
+    assert "CUDA tests: " in md and "| `micro` |" in md and "Packed vs unpacked" in md and "Compiled" in md
 
 
 def test_device_check_on_a_machine_without_cuda_is_one_line_and_exit_2(tmp_path):
@@ -36,3 +39,23 @@ def test_device_check_on_a_machine_without_cuda_is_one_line_and_exit_2(tmp_path)
     r = stabench(["device-check", "--device", "cuda", "--out", str(tmp_path)])
     assert r.returncode == 2 and "no CUDA device" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not list(tmp_path.iterdir())
+
+
+def test_the_check_saves_after_every_stage_so_a_stopped_check_leaves_what_it_measured(monkeypatch):
+    from bench import device_check as dc
+
+    monkeypatch.setattr(dc, "run_tests", lambda *a, **k: {"tests": 3, "passed": 3, "failed": [], "skipped": []})
+    monkeypatch.setattr(dc, "run_perf_stage", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("CUDA OOM")))
+    monkeypatch.setattr(dc, "run_packed_stage", lambda *a, **k: {"rows": []})
+    saved = []
+    dc.check("cpu", True, None, save=lambda r: saved.append(json.loads(json.dumps(r, default=str))), log=lambda m: None)
+    assert len(saved) == len(dc.STAGES)
+    first = saved[0]
+    assert first["stages"]["tests"]["ok"] and first["stages"]["tests"]["passed"] == 3
+    assert [first["stages"][s]["ok"] for s in ("perf", "packed")] == [False, False]
+    assert "not run" in first["stages"]["perf"]["error"]
+    assert "CUDA OOM" in saved[1]["stages"]["perf"]["error"]  # a failed stage is a result, the next one still runs
+    assert saved[2]["stages"]["packed"]["ok"]
+    for partial in saved:  # every saved state renders
+        md = dc.markdown(partial)
+        assert "CUDA tests: 3/3 passed" in md and "Targets:" in md
