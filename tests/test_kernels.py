@@ -32,12 +32,29 @@ ROOT = Path(__file__).resolve().parents[1]
     ({"device": "cpu", "head_chunk": 1024, "batch_size": 32}, ("foreach", 1024)),  # several chunks: kept
     ({"device": "cpu", "head_chunk": 64, "micro_batch_size": 1}, ("foreach", 0)),  # 64 tokens per pass
     ({"device": "cuda", "head_chunk": 1024, "batch_size": 64, "seq_len": 2048}, ("fused", 1024)),  # a GPU run
-], ids=["cpu-unchunked", "cpu-one-chunk", "cpu-chunks", "cpu-micro-batches", "cuda"])
+    ({"device": "cuda"}, ("fused", DEFAULT_HEAD_CHUNK)),  # a GPU run before the CUDA default: the chunk it had
+], ids=["cpu-unchunked", "cpu-one-chunk", "cpu-chunks", "cpu-micro-batches", "cuda", "cuda-before-its-default"])
 def test_a_stored_config_from_before_adamw_reads_with_the_kernels_that_trained_it(stored, kernels):
     old = {k: v for k, v in RunConfig().to_dict().items() if k not in ("adamw", "head_chunk")}
     old.update(stored)
     upgraded = upgrade_stored(old)
     assert (upgraded["adamw"], upgraded.get("head_chunk", DEFAULT_HEAD_CHUNK)) == kernels
+
+
+def test_a_run_on_cuda_that_sets_no_head_chunk_gets_the_gpu_chunk():
+    """256-token chunks suit a CPU's cache; on a GPU their GEMMs are short (an H200 step 0.66-0.85x the
+    unchunked head's at 256, 0.88-0.97x at 4096): CUDA runs that set none get 4096."""
+    from bench.config import DEFAULT_HEAD_CHUNK_CUDA
+
+    assert (DEFAULT_HEAD_CHUNK, DEFAULT_HEAD_CHUNK_CUDA) == (256, 4096)
+    assert from_dict({"device": "cuda"}).head_chunk == DEFAULT_HEAD_CHUNK_CUDA
+    assert from_dict({"device": "cpu"}).head_chunk == DEFAULT_HEAD_CHUNK
+    assert from_dict({}).head_chunk == (DEFAULT_HEAD_CHUNK_CUDA if torch.cuda.is_available() else DEFAULT_HEAD_CHUNK)
+    assert from_dict({"device": "cuda", "head_chunk": 256}).head_chunk == 256  # a set chunk is kept
+    assert from_dict({"device": "cuda", "head_chunk": 0}).head_chunk == 0
+    assert from_stored(from_dict({"device": "cuda"}).to_dict()).head_chunk == DEFAULT_HEAD_CHUNK_CUDA
+    before = {k: v for k, v in RunConfig(device="cuda").to_dict().items() if k not in ("adamw", "head_chunk")}
+    assert from_stored(before).head_chunk == DEFAULT_HEAD_CHUNK  # stored before this default: the chunk it had
 
 
 def test_todays_stored_configs_read_unchanged_and_kernels_never_change_the_key():

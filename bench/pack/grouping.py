@@ -21,6 +21,10 @@ SHARED_FIELDS: tuple[str, ...] = tuple(f.name for f in fields_with(flag="pack_sh
 # Pack size chosen by ``k="auto"``: measured on a 2-core AVX2 CPU (see bench/pack/throughput.py);
 # larger packs only add memory once the cores are busy.
 AUTO_K_CPU = 8
+# Not measured where packs should pay on a GPU (members too small to fill it). At the study's 16M with
+# 16 x 2048 tokens per member an H200 gave packs of 4 / 8 / 16 0.91x / 0.88x / 1.02x the trials/hour of
+# one trial at a time (results/perf/gpu-nvidia-h200.json): such a member's step already fills the GPU
+# (its loss head is memory-bound), so the paper sweep does not pack.
 AUTO_K_CUDA = 32
 
 
