@@ -72,8 +72,8 @@ def test_the_evaluation_estimate_matches_the_measured_allocation(chunk):
 
 
 def test_the_estimate_counts_auto_precision_as_the_run_resolves_it():
-    """"auto" trains in bf16 on CUDA: its estimate is bf16's, not fp32's (an H200 `stabench perf` at 221M once
-    printed 63.7 GiB estimated for a step that peaked at 25.6)."""
+    """Precision "auto" trains in bf16 on CUDA: its estimate is bf16's, not fp32's (an H200 `stabench perf` at
+    221M once printed 62.2 GiB estimated for a step that allocated 23.8 GiB)."""
     cuda = RunConfig(model="micro", vocab_size=8192, seq_len=256, batch_size=8, precision="auto", device="cuda")
     assert estimate_step_bytes(cuda) == estimate_step_bytes(cuda.replace(precision="bf16"))
     assert estimate_step_bytes(cuda) < estimate_step_bytes(cuda.replace(precision="fp32"))
