@@ -11,7 +11,8 @@ budget is spent are recorded as skipped):
    step time, tokens/s, MFU against the measured bf16 GEMM peak, peak memory (``max_memory_allocated``),
    chunked vs unchunked loss head; the loss head alone; then 109M and 221M compiled (the study's
    ``compile = true``; compile time, without the unchunked comparison, which would compile twice).
-3. ``packed``: trials/hour of short 16M trials packed (K = 4, 8, 16) vs one at a time.
+3. ``packed``: trials/hour of short 16M trials packed (K = 4, 8, 16) vs one at a time, at 16 × 2048 tokens
+   per step and at 8 × 256 (small trials, where packs would pay if anywhere).
 
 Output: ``<out>/gpu-<device>.json`` and ``.md`` (``<device>`` from the GPU's name, e.g.
 ``gpu-nvidia-h200``); the CPU dry run (``--device cpu --quick``: the same stages on tiny sizes, so
@@ -44,9 +45,10 @@ def plan(device: str, quick: bool) -> dict[str, Any]:
     if device == "cuda" and not quick:
         return {"presets": ["16M", "57M", "109M", "221M"], "compiled_presets": ["109M", "221M"],
                 "batch_size": 16, "seq_len": 2048, "vocab_size": 50304,
-                "pack_preset": "16M", "pack_ks": [4, 8, 16], "pack_steps": 30, "precision": "bf16", "budget_s": 420}
+                "pack_preset": "16M", "pack_ks": [4, 8, 16], "pack_steps": 30, "pack_small": [8, 256],
+                "precision": "bf16", "budget_s": 420}
     return {"presets": ["nano", "micro"], "compiled_presets": ["nano"], "batch_size": 4, "seq_len": 32, "vocab_size": 512,
-            "pack_preset": "nano", "pack_ks": [2, 4], "pack_steps": 5,
+            "pack_preset": "nano", "pack_ks": [2, 4], "pack_steps": 5, "pack_small": [2, 16],
             "precision": "bf16" if device == "cuda" else "fp32", "budget_s": 300}
 
 
@@ -111,14 +113,27 @@ def run_perf_stage(device: str, p: dict[str, Any], deadline: float, quick: bool,
 
 def run_packed_stage(device: str, p: dict[str, Any], deadline: float) -> dict[str, Any]:
     """Trials/hour of ``pack_preset`` trials (``pack_steps`` steps, learning rates spread by 10 %):
-    one unpacked trial timed alone, then packs of each K, each trial set trained to completion."""
+    one unpacked trial timed alone, then packs of each K, each trial set trained to completion; at the
+    check's tokens per step (the target's rows), then at ``pack_small`` (batch, seq_len): small trials,
+    where a pack has launch gaps to fill if anywhere (what ``pack = "auto"`` on CUDA should know)."""
+    unpacked_s, rows = _pack_rows(device, p, deadline, p["batch_size"], p["seq_len"])
+    out = {"preset": p["pack_preset"], "steps": p["pack_steps"], "unpacked_trial_s": unpacked_s, "rows": rows}
+    b, t = p["pack_small"]
+    if time.monotonic() < deadline:
+        small_s, small = _pack_rows(device, p, deadline, b, t)
+        out["small"] = {"batch_size": b, "seq_len": t, "unpacked_trial_s": small_s, "rows": small}
+    return out
+
+
+def _pack_rows(device: str, p: dict[str, Any], deadline: float, batch_size: int, seq_len: int
+               ) -> tuple[float, list[dict[str, Any]]]:
     import torch
 
+    from .config import from_dict
     from .pack import train_pack
     from .trainer import train
-    from .config import from_dict
 
-    base = dict(model=p["pack_preset"], vocab_size=p["vocab_size"], seq_len=p["seq_len"], batch_size=p["batch_size"],
+    base = dict(model=p["pack_preset"], vocab_size=p["vocab_size"], seq_len=seq_len, batch_size=batch_size,
                 steps=p["pack_steps"], warmup=1, eval_every=p["pack_steps"], eval_batches=1, final_eval_batches=1,
                 log_every=5, data="synthetic:tokens=200000", device=device, precision=p["precision"], data_seed=0)
 
@@ -145,7 +160,7 @@ def run_packed_stage(device: str, p: dict[str, Any], deadline: float) -> dict[st
         secs = timed(lambda: train_pack(members))
         rows.append({"k": k, "seconds": secs, "packed_trials_per_hour": 3600 * k / secs,
                      "unpacked_trials_per_hour": 3600 / unpacked_s, "factor": unpacked_s * k / secs})
-    return {"preset": p["pack_preset"], "steps": p["pack_steps"], "unpacked_trial_s": unpacked_s, "rows": rows}
+    return unpacked_s, rows
 
 
 def device_slug(device: str) -> str:
@@ -247,6 +262,12 @@ def markdown(res: dict[str, Any]) -> str:
                     "trials/hour unpacked | factor |", "|---|---|---|---|"]
         out += [f"| {r['k']} | {r['packed_trials_per_hour']:.0f} | {r['unpacked_trials_per_hour']:.0f} | "
                 f"{r['factor']:.2f}× |" if "factor" in r else f"| {r['k']} | skipped | | |" for r in pk["rows"]]
+        if pk.get("small"):
+            sm = pk["small"]
+            out += ["", f"Small trials ({sm['batch_size']} × {sm['seq_len']} tokens per step; unpacked: "
+                        f"{sm['unpacked_trial_s']:.1f} s per trial): " +
+                    ", ".join(f"K = {r['k']} {r['factor']:.2f}×" if "factor" in r else f"K = {r['k']} skipped"
+                              for r in sm["rows"]) + "."]
     elif not pk["ok"]:
         out += ["", f"packed stage error: {pk['error']}"]
     tg = targets(st)  # from the stages, so a JSON written by an earlier version renders the same way

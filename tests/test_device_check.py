@@ -26,9 +26,13 @@ def test_the_cpu_dry_run_writes_every_field(tmp_path):
     packed = res["stages"]["packed"]
     assert [r["k"] for r in packed["rows"]] == [2, 4]
     assert all(r["packed_trials_per_hour"] > 0 and r["factor"] > 0 for r in packed["rows"])
+    small = packed["small"]  # small trials too: where packs would pay on a GPU if anywhere
+    assert (small["batch_size"], small["seq_len"]) == (2, 16) and [r["k"] for r in small["rows"]] == [2, 4]
+    assert all(r["factor"] > 0 for r in small["rows"])
     assert set(res["targets"]) == {"mfu_109M_221M", "packed_factor_16M"}
     md = (tmp_path / "cpu-dry-run.md").read_text()
     assert "CUDA tests: " in md and "| `micro` |" in md and "Packed vs unpacked" in md and "Compiled" in md
+    assert "Small trials (2 × 16 tokens" in md
 
 
 def test_device_check_on_a_machine_without_cuda_is_one_line_and_exit_2(tmp_path):
