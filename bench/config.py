@@ -438,8 +438,7 @@ def from_dict(d: dict[str, Any], source: str | None = None) -> RunConfig:
     is accepted for a float field). Values are checked by ``RunConfig.check``. A run on CUDA
     (``device = "cuda"``, or "auto" where this machine has CUDA) that sets no ``head_chunk`` gets
     ``DEFAULT_HEAD_CHUNK_CUDA``: the CPU's chunks are too short for a GPU's GEMMs."""
-    if "head_chunk" not in d and d.get("device", "auto") in ("auto", "cuda") and \
-            machine_device(d.get("device", "auto")) == "cuda":
+    if "head_chunk" not in d and machine_device(d.get("device", "auto")) == "cuda":
         d = {**d, "head_chunk": DEFAULT_HEAD_CHUNK_CUDA}
     try:
         _STRICT.model_validate(d)

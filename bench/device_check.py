@@ -299,14 +299,12 @@ def main(name: str, args) -> int:
     repo = Path(__file__).resolve().parent.parent
     out = Path(args.out)
 
-    def save(res: dict[str, Any]) -> None:
-        out.mkdir(parents=True, exist_ok=True)
+    from .records import atomic_write
+
+    def save(res: dict[str, Any]) -> None:  # a reader never sees half a file, even when the check is stopped mid-write
         stem = out / device_slug(args.device)
         for suffix, text in ((".json", json.dumps(res, indent=2, default=str) + "\n"), (".md", markdown(res))):
-            path = stem.with_suffix(suffix)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)  # a reader never sees half a file, even when the check is stopped mid-write
+            atomic_write(stem.with_suffix(suffix), lambda tmp: tmp.write_text(text))
 
     res = check(args.device, args.quick, repo, args.budget_s, log=lambda m: print(m, file=sys.stderr, flush=True),
                 save=save)

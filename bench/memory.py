@@ -74,8 +74,9 @@ def step_terms(cfg: "RunConfig") -> dict[str, int]:
     activations, logits."""
     m = cfg.model_config()
     P = count_params(m)
-    s_p = 8 if cfg.resolved_precision == "fp64" else 4  # parameters, gradients and AdamW moments
-    s_a = {"fp64": 8, "bf16": 2}.get(cfg.resolved_precision, 4)  # activations ("auto" as this machine resolves it)
+    prec = cfg.resolved_precision  # "auto" as the run resolves it
+    s_p = 8 if prec == "fp64" else 4  # parameters, gradients and AdamW moments
+    s_a = {"fp64": 8, "bf16": 2}.get(prec, 4)  # activations
     N = (cfg.micro_batch_size or cfg.batch_size) * cfg.seq_len  # tokens of one micro-batch
     H, F, L = m.n_embd, m.ffn_dim, m.n_layer
     return {"parameters and AdamW state": 4 * P * s_p,
@@ -112,8 +113,9 @@ def estimate_eval_bytes(cfg: "RunConfig") -> int:
     """
     m = cfg.model_config()
     P = count_params(m)
-    s_p = 8 if cfg.resolved_precision == "fp64" else 4
-    s_a = {"fp64": 8, "bf16": 2}.get(cfg.resolved_precision, 4)
+    prec = cfg.resolved_precision
+    s_p = 8 if prec == "fp64" else 4
+    s_a = {"fp64": 8, "bf16": 2}.get(prec, 4)
     N = (cfg.micro_batch_size or cfg.batch_size) * cfg.seq_len
     H, F = m.n_embd, m.ffn_dim
     return P * s_p + N * (ACTIVATIONS_PER_LAYER_H * H + ACTIVATIONS_PER_LAYER_F * F) * s_a + head_bytes(cfg, train=False)

@@ -166,7 +166,7 @@ def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Any) -> None:
     """``write(tmp)`` to the writer's temporary of ``path``, then rename it into place (removed on failure)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_path(path)
@@ -179,7 +179,7 @@ def _atomic_write(path: Path, write: Any) -> None:
 
 
 def _atomic_write_table(table: pa.Table, path: Path) -> None:
-    _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def pid_alive(pid: int) -> bool:
@@ -465,7 +465,7 @@ def save_weights(out_dir: str | Path, run_id: str, config: dict[str, Any], weigh
     import torch
 
     path = weights_path(out_dir, run_id)
-    _atomic_write(path, lambda tmp: torch.save({"run_id": run_id, "config": config, "weights": weights}, tmp))
+    atomic_write(path, lambda tmp: torch.save({"run_id": run_id, "config": config, "weights": weights}, tmp))
     return path
 
 

@@ -94,15 +94,13 @@ def record_sweep_file(path: str, spec, out: Path) -> None:
     trials whose configs it still produces (keys are config hashes), so the hash names the latest file."""
     import hashlib
     import json
-    import os
+
+    from ..records import atomic_write
 
     data = Path(path).read_bytes()
     meta = {"name": spec.name, "file": str(path), "sweep_hash": hashlib.sha256(data).hexdigest()}
-    out.mkdir(parents=True, exist_ok=True)
     for name, content in (("sweep.toml", data), ("sweep.json", (json.dumps(meta, indent=2) + "\n").encode())):
-        tmp = out / f".{name}.{os.getpid()}.tmp"
-        tmp.write_bytes(content)
-        os.replace(tmp, out / name)
+        atomic_write(out / name, lambda tmp: tmp.write_bytes(content))
 
 
 def _positive(flag: str, value: int | None) -> None:
