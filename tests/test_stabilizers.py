@@ -94,15 +94,17 @@ def test_mucentering_hook_is_pure():
     torch.testing.assert_close(out[OUTPUT_EMBEDDING], E - E.mean(0))
 
 
+@pytest.mark.parametrize("vocab, threads", [(64, 1), (8192, 2)], ids=["V64", "V8192-blocked-mean"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16-emu"])
 @pytest.mark.parametrize("tied", [False, True])
-def test_mucentering_by_increment_is_bit_identical_to_its_new_value(tied, precision):
-    """The trainer applies μ-centering through ``after_step_delta`` (E += −μ, in place); the committed
-    μ-centering results were trained through ``after_step`` (E ← E − μ, copied). Same bits over 30 steps."""
+def test_mucentering_by_increment_is_bit_identical_to_its_new_value(tied, precision, vocab, threads):
+    """The trainer applies μ-centering through ``after_step_delta`` (E += −μ, in place, μ by
+    ``row_mean``: by blocks of rows at V = 8192); the committed μ-centering results were trained
+    through ``after_step`` (E ← E − μ, copied, μ by ``E.mean``). Same bits over 30 steps."""
     from dataclasses import dataclass
 
     from bench.config import RunConfig
-    from bench.stabilizers import Stabilizer
+    from bench.stabilizers import Stabilizer, rowmean
     from bench.stabilizers.mucentering import MuCentering
     from bench.train_module import SingleModule
 
@@ -110,20 +112,21 @@ def test_mucentering_by_increment_is_bit_identical_to_its_new_value(tied, precis
     class ByValue(MuCentering):  # μ-centering without its increment: the engine copies after_step's value
         after_step_delta = Stabilizer.after_step_delta
 
-    cfg = RunConfig(model="nano", vocab_size=64, seq_len=8, batch_size=2, stabilizer="mucentering", lr=3e-2,
-                    weight_tying=tied, precision=precision, device="cpu", threads=1, head_chunk=0)
+    cfg = RunConfig(model="nano", vocab_size=vocab, seq_len=8, batch_size=2, stabilizer="mucentering", lr=3e-2,
+                    weight_tying=tied, precision=precision, device="cpu", threads=threads, head_chunk=0)
     by_delta, by_value = SingleModule(cfg), SingleModule(cfg)
     by_value.stab = ByValue()
     assert type(by_delta.stab).has_hook("after_step_delta") and not ByValue.has_hook("after_step_delta")
     g = torch.Generator().manual_seed(0)
     for _ in range(30):
-        x = torch.randint(0, 64, (2, 8), generator=g)
+        x = torch.randint(0, vocab, (2, 8), generator=g)
         for m in (by_delta, by_value):
             m.train_batch(x, x, [3e-2], False)
     E = by_delta.model.output_embedding.detach()
     assert E.mean(0).abs().max() < 1e-6  # centred
     for a, b in zip(by_delta.model.parameters(), by_value.model.parameters()):
         assert torch.equal(a, b)
+    assert rowmean._MATCHES.get((vocab, 32, torch.float32, threads)) is (True if vocab >= 8192 else None)
 
 
 def test_muloss_gradient_is_bit_identical_to_the_row_mean_formula():

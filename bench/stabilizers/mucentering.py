@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import OUTPUT_EMBEDDING, Stabilizer
+from .rowmean import row_mean
 
 
 @dataclass(frozen=True)
@@ -20,5 +21,6 @@ class MuCentering(Stabilizer):
         return {OUTPUT_EMBEDDING: E - E.mean(dim=0, keepdim=True)}
 
     def after_step_delta(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """E + (−μ), which is E − μ to the bit (IEEE subtraction is addition of the negation)."""
-        return {OUTPUT_EMBEDDING: params[OUTPUT_EMBEDDING].mean(dim=0, keepdim=True).neg()}
+        """E + (−μ), which is E − μ to the bit (IEEE subtraction is addition of the negation); μ by
+        ``row_mean``, ``E.mean``'s bits read by blocks of rows (on CPU, right after AdamW's write)."""
+        return {OUTPUT_EMBEDDING: row_mean(params[OUTPUT_EMBEDDING]).neg_()}
