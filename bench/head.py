@@ -188,7 +188,8 @@ class FoldedGrad(NamedTuple):
     costing passes over the logits. q (n, V): softmax(l), times f′(raw) under a transform; row (n,):
     (1 + ∂pen/∂lse)/N; target (n,): f′(raw) at the target, /N. Without a token loss row is the number
     1/N and target None: the one-hot term is already in q (q[i, y_i] −= f′ at the target, n entries
-    written), so g = q/N."""
+    written), so g = q/N; with a token loss likewise, q[i, y_i] −= f′/(1 + ∂pen/∂lse) (target None), where
+    every 1 + ∂pen/∂lse of the chunk is finite and nonzero."""
     q: torch.Tensor
     row: torch.Tensor | float
     target: torch.Tensor | None
@@ -277,7 +278,11 @@ def _eager_chunk(raw, y, transform, with_slope, token_loss, N: int, want_grad: b
         q = p.mul_(dlt) if dlt is not None else p
         if slope is None:  # every row scaled by 1/N: the one-hot term joins q (n entries)
             return lse, ce.sum(), pen_sum, st, FoldedGrad(q.scatter_add_(1, yc, at_target.neg_()), 1.0 / N, None)
-        return lse, ce.sum(), pen_sum, st, FoldedGrad(q, (1 + slope) / N, at_target.squeeze(1) / N)
+        a = 1 + slope  # (n,): row i of the gradient is a_i/N · (q_i − f′_i/a_i · onehot(y_i))
+        if bool((a.isfinite() & (a != 0)).all()):  # the one-hot term joins q here too (n entries)
+            return lse, ce.sum(), pen_sum, st, FoldedGrad(q.scatter_add_(1, yc, at_target.div_(a.unsqueeze(1)).neg_()),
+                                                          a / N, None)
+        return lse, ce.sum(), pen_sum, st, FoldedGrad(q, a / N, at_target.squeeze(1) / N)
     # ∂(ce + penalty)/∂l = softmax(l)·(1 + ∂pen/∂lse) − onehot(y); the mean over N tokens: / N
     g = p
     g.mul_(((1 + slope) / N).unsqueeze(1) if slope is not None else 1.0 / N)

@@ -85,6 +85,38 @@ def test_chunked_head_function_against_a_direct_computation():
         chunked_head(h, E, y, chunk=0)
 
 
+@pytest.mark.parametrize("capped", [False, True], ids=["plain", "soft-capped"])
+@pytest.mark.parametrize("penalty", ["z-loss", "slope -1", "mixed"])
+def test_a_token_losss_one_hot_term_joins_the_softmax_buffer_unless_1_plus_its_slope_is_0(penalty, capped):
+    """With a token loss the folded gradient's row i is a_i/N · (q_i − f′_i/a_i · onehot(y_i)), a_i = 1 +
+    ∂pen/∂lse_i: the one-hot term goes into q where every a_i of a chunk is finite and nonzero, and to the
+    GEMMs' sides (an index_add) where one is 0 (pen = −lse: a = 0). Both equal autograd's gradient (fp64)."""
+    cut = 3.5 if capped else 6.6  # log Z above it: slope −1 (a = 0); below: z-loss
+    pens = {"z-loss": lambda z: 0.1 * z.square(), "slope -1": lambda z: -z,
+            "mixed": lambda z: torch.where(z > cut, -z, 0.1 * z.square())}
+    pen = pens[penalty]
+    torch.manual_seed(0)
+    h = torch.randn(10, 5, dtype=torch.float64, requires_grad=True)
+    E = torch.randn(13, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 13, (10,))
+    cap = make_stabilizer("softcap", cap=2.0)
+    logits = h @ E.T
+    if capped:
+        logits = cap.transform_logits(logits)
+    lse = torch.logsumexp(logits, dim=-1)
+    if penalty == "mixed":  # chunks of 3 tokens with and without a token whose a is 0: both paths
+        with_zero = [bool((lse[i:i + 3] > cut).any()) for i in range(0, 10, 3)]
+        assert any(with_zero) and not all(with_zero)
+    want = torch.nn.functional.cross_entropy(logits, y) + pen(lse).mean()
+    gh, gE = torch.autograd.grad(want, (h, E))
+    kw = dict(transform=cap.transform_logits, transform_with_slope=cap.transform_logits_with_slope) if capped else {}
+    total, *_ = chunked_head(h, E, y, chunk=3, token_loss=pen, **kw)
+    gh_c, gE_c = torch.autograd.grad(total, (h, E))
+    assert float(total.detach()) == pytest.approx(float(want.detach()), rel=1e-12)
+    torch.testing.assert_close(gh_c, gh, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gE_c, gE, rtol=1e-10, atol=1e-12)
+
+
 SEEN: list[tuple[bool, bool]] = []
 
 
