@@ -37,6 +37,21 @@ def test_the_presets_embeddings_are_summed_by_blocks(V, H):
     assert rowmean._MATCHES == {(V, H, torch.float32, 2): True}
 
 
+def test_the_check_uses_a_probe_not_the_tensor_at_hand(monkeypatch):
+    """A constant E sums alike in any order: it must not vouch for the blocked sum; a random probe of its
+    shape does, once per shape, dtype and thread count, without touching the run's RNG."""
+    calls = []
+    probe = rowmean._reproduces_mean
+    monkeypatch.setattr(rowmean, "_reproduces_mean",
+                        lambda shape, dtype: calls.append((tuple(shape), dtype)) or probe(shape, dtype))
+    E = torch.full((8192, 64), 0.5)
+    state = torch.random.get_rng_state()
+    assert torch.equal(row_mean(E), E.mean(0, keepdim=True))
+    row_mean(E)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert calls == [((8192, 64), torch.float32)]
+
+
 def test_where_the_blocked_sum_would_differ_by_a_bit_row_mean_keeps_atens_mean(monkeypatch):
     blocked = rowmean._blocked_sum
     monkeypatch.setattr(rowmean, "_blocked_sum", lambda E: torch.nextafter(blocked(E), torch.tensor(1.0)))

@@ -11,8 +11,9 @@ rows in a cascade of four levels of 16 rows, so its top level adds the sums of c
 4096-row blocks in order, and at the end adds that to the sum of the remaining rows. Summing each
 4096-row block on its own (a (k, 4096, H) view), adding the k block sums in order and adding the
 result to the tail's sum performs the same float additions. That order is ATen's implementation,
-not its contract: the first call for each shape, dtype and thread count compares the two on the
-tensor at hand, and where any bit differs uses ``E.mean`` from then on.
+not its contract: the first call for each shape, dtype and thread count compares the two on a
+random probe of that shape (not on E, whose values could hide a different order: a constant or
+zero E sums alike in any order), and where any bit differs uses ``E.mean`` from then on.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ MAX_BLOCKS = 15
 """Block sums are added in order by ATen's tail loop only while fewer than 16 (V < 65,536 rows)."""
 
 _MATCHES: dict[tuple, bool] = {}
-"""(V, H, dtype, threads) -> whether the blocked sum reproduced ATen's bits on the first call."""
+"""(V, H, dtype, threads) -> whether the blocked sum reproduced ATen's bits on the probe."""
 
 
 def _is_batched(t: torch.Tensor) -> bool:
@@ -61,7 +62,14 @@ def row_mean(E: torch.Tensor) -> torch.Tensor:
     if not _blockable(E):
         return E.mean(0, keepdim=True)
     key = (*E.shape, E.dtype, torch.get_num_threads())
-    ok = _MATCHES.get(key)
-    if ok is None:
-        ok = _MATCHES[key] = torch.equal(_blocked_sum(E).div_(E.shape[0]), E.mean(0, keepdim=True))
-    return _blocked_sum(E).div_(E.shape[0]) if ok else E.mean(0, keepdim=True)
+    if key not in _MATCHES:
+        _MATCHES[key] = _reproduces_mean(E.shape, E.dtype)
+    return _blocked_sum(E).div_(E.shape[0]) if _MATCHES[key] else E.mean(0, keepdim=True)
+
+
+def _reproduces_mean(shape: torch.Size, dtype: torch.dtype) -> bool:
+    """Whether the blocked sum, divided by V, has ``mean``'s bits on a random probe of ``shape``: rows
+    N(0, 1) plus a common offset per column, from a generator of its own (the run's RNG is untouched)."""
+    g = torch.Generator().manual_seed(0)
+    probe = torch.randn(shape, generator=g, dtype=dtype).add_(torch.randn(shape[-1], generator=g, dtype=dtype))
+    return torch.equal(_blocked_sum(probe).div_(shape[0]), probe.mean(0, keepdim=True))
