@@ -276,13 +276,16 @@ def _eager_chunk(raw, y, transform, with_slope, token_loss, N: int, want_grad: b
     if fold and (dlt is not None or transform is None):
         at_target = dlt.gather(1, yc) if dlt is not None else torch.ones_like(yc, dtype=p.dtype)  # f′ at y, (n, 1)
         q = p.mul_(dlt) if dlt is not None else p
-        if slope is None:  # every row scaled by 1/N: the one-hot term joins q (n entries)
-            return lse, ce.sum(), pen_sum, st, FoldedGrad(q.scatter_add_(1, yc, at_target.neg_()), 1.0 / N, None)
-        a = 1 + slope  # (n,): row i of the gradient is a_i/N · (q_i − f′_i/a_i · onehot(y_i))
-        if bool((a.isfinite() & (a != 0)).all()):  # the one-hot term joins q here too (n entries)
-            return lse, ce.sum(), pen_sum, st, FoldedGrad(q.scatter_add_(1, yc, at_target.div_(a.unsqueeze(1)).neg_()),
-                                                          a / N, None)
-        return lse, ce.sum(), pen_sum, st, FoldedGrad(q, a / N, at_target.squeeze(1) / N)
+        if slope is None:  # every row scaled by 1/N
+            row, joins = 1.0 / N, True
+        else:  # row i of the gradient is a_i/N · (q_i − f′_i/a_i · onehot(y_i)), a = 1 + ∂pen/∂lse
+            a = 1 + slope
+            row, joins = a / N, bool((a.isfinite() & (a != 0)).all())
+            if joins:
+                at_target.div_(a.unsqueeze(1))
+        if joins:  # the one-hot term joins q (n entries)
+            return lse, ce.sum(), pen_sum, st, FoldedGrad(q.scatter_add_(1, yc, at_target.neg_()), row, None)
+        return lse, ce.sum(), pen_sum, st, FoldedGrad(q, row, at_target.squeeze(1) / N)
     # ∂(ce + penalty)/∂l = softmax(l)·(1 + ∂pen/∂lse) − onehot(y); the mean over N tokens: / N
     g = p
     g.mul_(((1 + slope) / N).unsqueeze(1) if slope is not None else 1.0 / N)

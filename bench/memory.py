@@ -69,14 +69,19 @@ def head_bytes(cfg: "RunConfig", train: bool = True) -> int:
     return copies * n * V * 4 + ((V + N) * H * 4 if train else 0)
 
 
+def _value_bytes(cfg: "RunConfig") -> tuple[int, int]:
+    """Bytes per value of (parameters, gradients and AdamW moments; activations) in the run's precision,
+    "auto" resolved as the run resolves it."""
+    prec = cfg.resolved_precision
+    return 8 if prec == "fp64" else 4, {"fp64": 8, "bf16": 2}.get(prec, 4)
+
+
 def step_terms(cfg: "RunConfig") -> dict[str, int]:
     """The three terms of ``estimate_step_bytes`` (bytes): parameters and AdamW state,
     activations, logits."""
     m = cfg.model_config()
     P = count_params(m)
-    prec = cfg.resolved_precision  # "auto" as the run resolves it
-    s_p = 8 if prec == "fp64" else 4  # parameters, gradients and AdamW moments
-    s_a = {"fp64": 8, "bf16": 2}.get(prec, 4)  # activations
+    s_p, s_a = _value_bytes(cfg)
     N = (cfg.micro_batch_size or cfg.batch_size) * cfg.seq_len  # tokens of one micro-batch
     H, F, L = m.n_embd, m.ffn_dim, m.n_layer
     return {"parameters and AdamW state": 4 * P * s_p,
@@ -113,9 +118,7 @@ def estimate_eval_bytes(cfg: "RunConfig") -> int:
     """
     m = cfg.model_config()
     P = count_params(m)
-    prec = cfg.resolved_precision
-    s_p = 8 if prec == "fp64" else 4
-    s_a = {"fp64": 8, "bf16": 2}.get(prec, 4)
+    s_p, s_a = _value_bytes(cfg)
     N = (cfg.micro_batch_size or cfg.batch_size) * cfg.seq_len
     H, F = m.n_embd, m.ffn_dim
     return P * s_p + N * (ACTIVATIONS_PER_LAYER_H * H + ACTIVATIONS_PER_LAYER_F * F) * s_a + head_bytes(cfg, train=False)

@@ -37,6 +37,11 @@ def _is_batched(t: torch.Tensor) -> bool:
         return False
 
 
+def _blocked_mean(E: torch.Tensor) -> torch.Tensor:
+    """``_blocked_sum(E)`` / V, as ``mean`` divides its sum."""
+    return _blocked_sum(E).div_(E.shape[0])
+
+
 def _blocked_sum(E: torch.Tensor) -> torch.Tensor:
     """Σ rows of E (V, H) as (1, H): the sum of each 4096-row block, the block sums added in order,
     added to the sum of the rows after the last whole block."""
@@ -64,7 +69,7 @@ def row_mean(E: torch.Tensor) -> torch.Tensor:
     key = (*E.shape, E.dtype, torch.get_num_threads())
     if key not in _MATCHES:
         _MATCHES[key] = _reproduces_mean(E.shape, E.dtype)
-    return _blocked_sum(E).div_(E.shape[0]) if _MATCHES[key] else E.mean(0, keepdim=True)
+    return _blocked_mean(E) if _MATCHES[key] else E.mean(0, keepdim=True)
 
 
 def _reproduces_mean(shape: torch.Size, dtype: torch.dtype) -> bool:
@@ -72,4 +77,4 @@ def _reproduces_mean(shape: torch.Size, dtype: torch.dtype) -> bool:
     N(0, 1) plus a common offset per column, from a generator of its own (the run's RNG is untouched)."""
     g = torch.Generator().manual_seed(0)
     probe = torch.randn(shape, generator=g, dtype=dtype).add_(torch.randn(shape[-1], generator=g, dtype=dtype))
-    return torch.equal(_blocked_sum(probe).div_(shape[0]), probe.mean(0, keepdim=True))
+    return torch.equal(_blocked_mean(probe), probe.mean(0, keepdim=True))
