@@ -14,6 +14,10 @@ budget is spent are recorded as skipped):
 3. ``packed``: trials/hour of short 16M trials packed (K = 4, 8, 16) vs one at a time, at 16 × 2048 tokens
    per step and at 8 × 256 (small trials, where packs would pay if anywhere).
 
+Sized to the GPU at hand: a run or pack whose step would not fit ``MEMORY_FRACTION`` of its memory by
+``bench.memory.estimate_step_bytes`` is not started, and a run that fails anyway (out of memory) is
+recorded with its error while the next one runs. The result is saved after every row.
+
 Output: ``<out>/gpu-<device>.json`` and ``.md`` (``<device>`` from the GPU's name, e.g.
 ``gpu-nvidia-h200``); the CPU dry run (``--device cpu --quick``: the same stages on tiny sizes, so
 the script never rots) writes ``cpu-dry-run.json`` and ``.md``. ``scripts/device-check.sh`` wraps
@@ -52,14 +56,72 @@ def plan(device: str, quick: bool) -> dict[str, Any]:
             "precision": "bf16" if device == "cuda" else "fp32", "budget_s": 300}
 
 
-def _stage(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def _stage(fn: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Runs ``fn(out)``, which fills ``out`` as it measures (calling ``progress(out)`` after each row, so a
+    check stopped mid-stage still leaves the rows it had), and returns ``out`` with ``ok``, ``seconds`` and,
+    where it raised or some of its runs failed (``out["failed_runs"]``), ``error``."""
     t = time.perf_counter()
+    out: dict[str, Any] = {}
     try:
-        out = {"ok": True, **fn()}
+        fn(out)
+        ok, error = not out.get("failed_runs"), None
+        if not ok:
+            error = "; ".join(f"{f['run']}: {f['error']}" for f in out["failed_runs"])
     except Exception as e:  # noqa: BLE001 - a failed stage is a result of the check
-        out = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-    out["seconds"] = time.perf_counter() - t
-    return out
+        ok, error = False, f"{type(e).__name__}: {e}"
+    res = {"ok": ok, **out, "seconds": time.perf_counter() - t}
+    if error is not None:
+        res["error"] = error
+    return res
+
+
+def _error(e: BaseException) -> str:
+    """One line for a run that failed."""
+    return f"{type(e).__name__}: {str(e)[:500]}"
+
+
+def _release_cuda() -> None:
+    """Frees what a finished (or failed) run left cached on the GPU, so that after a run out of memory
+    the next one has the device's memory."""
+    import gc
+
+    import torch
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+MEMORY_FRACTION = 0.9
+"""Share of the GPU's memory a run of the check may plan to use by ``bench.memory.estimate_step_bytes``
+(the rest: the CUDA context, the allocator's rounding, what the estimate leaves out)."""
+
+
+def device_budget_bytes(device: str) -> int | None:
+    """MEMORY_FRACTION of the CUDA device's memory; None on the CPU (its dry run is tiny)."""
+    if device != "cuda":
+        return None
+    from .memory import machine_bytes
+    have = machine_bytes("cuda")
+    return int(MEMORY_FRACTION * have[0]) if have else None
+
+
+def memory_plan(cfg, previous, budget: int | None) -> tuple[bool, bool, str | None]:
+    """(run the row, compare it with the previous path, why not) for a perf row of ``cfg``: the previous
+    path's timer (``previous``, e.g. the unchunked head) lives beside ``cfg``'s in ``perf.preset_row``, so
+    the comparison needs both estimates to fit ``budget`` bytes, the row its own. A GPU smaller than the
+    H200 the check was written on (a 24 GB card, an 80 GB one) thus measures what fits and says what not."""
+    from .memory import _gib, estimate_step_bytes
+
+    if budget is None:
+        return True, True, None
+    need = estimate_step_bytes(cfg)
+    if need > budget:
+        return False, False, f"a step needs ~{_gib(need)} by bench.memory's estimate, above {_gib(budget)} here"
+    both = need + (estimate_step_bytes(previous) if previous is not None else 0)
+    if both > budget:
+        return True, False, (f"the previous path's comparison needs ~{_gib(both)} (both timers), "
+                             f"above {_gib(budget)} here")
+    return True, True, None
 
 
 def run_tests(device: str, repo: Path, timeout_s: float) -> dict[str, Any]:
@@ -91,45 +153,79 @@ def run_tests(device: str, repo: Path, timeout_s: float) -> dict[str, Any]:
             "failed": failed, "skipped": skipped, "test_seconds": seconds, "output_tail": tail}
 
 
-def run_perf_stage(device: str, p: dict[str, Any], deadline: float, quick: bool, log) -> dict[str, Any]:
+def run_perf_stage(device: str, p: dict[str, Any], deadline: float, quick: bool, log,
+                   out: dict[str, Any] | None = None, progress: Callable[[dict[str, Any]], None] | None = None
+                   ) -> dict[str, Any]:
     """``bench.perf`` preset by preset (each a full result of its own), then the compiled presets, until
-    ``deadline``."""
-    from .perf import run_perf
+    ``deadline``, into ``out`` (``progress(out)`` after each). A run that raises (out of memory, say) is
+    recorded in ``failed_runs`` and the next one runs; a run whose step would not fit the GPU by
+    ``bench.memory``'s estimate is not started (``memory_skipped``), nor is a comparison with the previous
+    path that would not (``comparison_skipped``)."""
+    from .perf import perf_config, previous_path, run_perf
 
-    rows, compiled, skipped, head, peak = [], [], [], None, None
+    out = {} if out is None else out
+    out.update(presets=[], compiled=[], head=None, peak=None, skipped_presets=[], memory_skipped=[],
+               comparison_skipped=[], failed_runs=[])
+    budget, head_pending = device_budget_bytes(device), True  # the loss head alone: with the first run that ends
     runs = [(name, False) for name in p["presets"]] + [(name, True) for name in p["compiled_presets"]]
-    for i, (name, compile_) in enumerate(runs):
+    for name, compile_ in runs:
+        label = name + (" compiled" if compile_ else "")
         if time.monotonic() > deadline:
-            skipped.append(name + (" compiled" if compile_ else ""))
+            out["skipped_presets"].append(label)
             continue
-        res = run_perf([name], quick=quick, device=device, precision=p["precision"], threads=None,
-                       batch_size=p["batch_size"], seq_len=p["seq_len"], vocab_size=p["vocab_size"], compile_=compile_,
-                       sections={"head"} if i == 0 else set(), compare=not compile_, log=log)
-        (compiled if compile_ else rows).extend(res["presets"])
-        head = head or res["head"]
-        peak = peak or res["peak"]
-    return {"presets": rows, "compiled": compiled, "head": head, "peak": peak, "skipped_presets": skipped}
-
-
-def run_packed_stage(device: str, p: dict[str, Any], deadline: float) -> dict[str, Any]:
-    """Trials/hour of ``pack_preset`` trials (``pack_steps`` steps, learning rates spread by 10 %):
-    one unpacked trial timed alone, then packs of each K, each trial set trained to completion; at the
-    check's tokens per step (the target's rows), then at ``pack_small`` (batch, seq_len): small trials,
-    where a pack has launch gaps to fill if anywhere (what ``pack = "auto"`` on CUDA should know)."""
-    unpacked_s, rows = _pack_rows(device, p, deadline, p["batch_size"], p["seq_len"])
-    out = {"preset": p["pack_preset"], "steps": p["pack_steps"], "unpacked_trial_s": unpacked_s, "rows": rows}
-    b, t = p["pack_small"]
-    if time.monotonic() < deadline:
-        small_s, small = _pack_rows(device, p, deadline, b, t)
-        out["small"] = {"batch_size": b, "seq_len": t, "unpacked_trial_s": small_s, "rows": small}
+        cfg = perf_config(name, device=device, precision=p["precision"], threads=None, batch_size=p["batch_size"],
+                          seq_len=p["seq_len"], vocab_size=p["vocab_size"], compile_=compile_)
+        run, compare, why = memory_plan(cfg, None if compile_ else cfg.replace(**previous_path(cfg)), budget)
+        if not run:
+            out["memory_skipped"].append({"run": label, "reason": why})
+        else:
+            if why is not None:
+                out["comparison_skipped"].append({"run": label, "reason": why})
+            try:
+                res = run_perf([name], quick=quick, device=device, precision=p["precision"], threads=None,
+                               batch_size=p["batch_size"], seq_len=p["seq_len"], vocab_size=p["vocab_size"],
+                               compile_=compile_, sections={"head"} if head_pending else set(),
+                               compare=compare and not compile_, log=log)
+                head_pending = False
+                out["compiled" if compile_ else "presets"].extend(res["presets"])
+                out["head"] = out["head"] or res["head"]
+                out["peak"] = out["peak"] or res["peak"]
+            except Exception as e:  # noqa: BLE001 - one preset's failure (out of memory) is a row of the result
+                out["failed_runs"].append({"run": label, "error": _error(e)})
+                log(f"device check: {label} failed: {out['failed_runs'][-1]['error']}")
+            _release_cuda()
+        if progress is not None:
+            progress(out)
     return out
 
 
-def _pack_rows(device: str, p: dict[str, Any], deadline: float, batch_size: int, seq_len: int
-               ) -> tuple[float, list[dict[str, Any]]]:
+def run_packed_stage(device: str, p: dict[str, Any], deadline: float, out: dict[str, Any] | None = None,
+                     progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Trials/hour of ``pack_preset`` trials (``pack_steps`` steps, learning rates spread by 10 %):
+    one unpacked trial timed alone, then packs of each K, each trial set trained to completion; at the
+    check's tokens per step (the target's rows), then at ``pack_small`` (batch, seq_len): small trials,
+    where a pack has launch gaps to fill if anywhere (what ``pack = "auto"`` on CUDA should know). Into
+    ``out``, ``progress(out)`` after each row; a pack that would not fit the GPU is skipped, one that
+    raises is a row with its error."""
+    out = {} if out is None else out
+    out.update(preset=p["pack_preset"], steps=p["pack_steps"], rows=[], failed_runs=[])
+    report = (lambda: progress(out)) if progress is not None else (lambda: None)
+    _pack_rows(device, p, deadline, p["batch_size"], p["seq_len"], out, out["failed_runs"], report)
+    b, t = p["pack_small"]
+    if time.monotonic() < deadline:
+        out["small"] = {"batch_size": b, "seq_len": t, "rows": []}
+        _pack_rows(device, p, deadline, b, t, out["small"], out["failed_runs"], report)
+    return out
+
+
+def _pack_rows(device: str, p: dict[str, Any], deadline: float, batch_size: int, seq_len: int,
+               into: dict[str, Any], failed: list[dict[str, Any]], report: Callable[[], None]) -> None:
+    """The unpacked trial's median seconds into ``into["unpacked_trial_s"]``, then one row per K appended to
+    ``into["rows"]`` (``report()`` after each); a K that raises is also appended to ``failed``."""
     import torch
 
     from .config import from_dict
+    from .memory import _gib, estimate_step_bytes
     from .pack import train_pack
     from .trainer import train
 
@@ -150,17 +246,25 @@ def _pack_rows(device: str, p: dict[str, Any], deadline: float, batch_size: int,
         return time.perf_counter() - t
 
     train(cfgs(1)[0])  # warm up: kernels, allocator, data
-    unpacked_s = statistics.median(timed(lambda: train(cfgs(1)[0])) for _ in range(2))
-    rows = []
+    unpacked_s = into["unpacked_trial_s"] = statistics.median(timed(lambda: train(cfgs(1)[0])) for _ in range(2))
+    rows, budget = into["rows"], device_budget_bytes(device)
     for k in p["pack_ks"]:
+        members = cfgs(k)
         if time.monotonic() > deadline:
             rows.append({"k": k, "skipped": "time budget"})
-            continue
-        members = cfgs(k)
-        secs = timed(lambda: train_pack(members))
-        rows.append({"k": k, "seconds": secs, "packed_trials_per_hour": 3600 * k / secs,
-                     "unpacked_trials_per_hour": 3600 / unpacked_s, "factor": unpacked_s * k / secs})
-    return unpacked_s, rows
+        elif budget is not None and (need := k * estimate_step_bytes(members[0])) > budget:
+            rows.append({"k": k, "skipped": f"memory: {k} members' steps need ~{_gib(need)} by bench.memory's "
+                                            f"estimate, above {_gib(budget)} here"})
+        else:
+            try:
+                secs = timed(lambda: train_pack(members))
+                rows.append({"k": k, "seconds": secs, "packed_trials_per_hour": 3600 * k / secs,
+                             "unpacked_trials_per_hour": 3600 / unpacked_s, "factor": unpacked_s * k / secs})
+            except Exception as e:  # noqa: BLE001 - a pack that fails (out of memory) is a row of the result
+                rows.append({"k": k, "error": _error(e)})
+                failed.append({"run": f"pack K = {k} at {batch_size} x {seq_len}", "error": rows[-1]["error"]})
+            _release_cuda()
+        report()
 
 
 def device_slug(device: str) -> str:
@@ -196,12 +300,19 @@ def check(device: str, quick: bool, repo: Path, budget_s: float | None = None, l
     def result() -> dict[str, Any]:
         return {**head, "wall_s": time.monotonic() - start, "stages": stages, "targets": targets(stages)}
 
-    runs = {"tests": lambda: run_tests(device, repo, timeout_s=max(budget * 0.5, 60)),
-            "perf": lambda: run_perf_stage(device, p, deadline - budget * 0.15, quick, log),
-            "packed": lambda: run_packed_stage(device, p, deadline)}
+    runs = {"tests": lambda out, _: out.update(run_tests(device, repo, timeout_s=max(budget * 0.5, 60))),
+            "perf": lambda out, progress: out.update(run_perf_stage(device, p, deadline - budget * 0.15, quick, log,
+                                                                    out, progress)),
+            "packed": lambda out, progress: out.update(run_packed_stage(device, p, deadline, out, progress))}
     for name in STAGES:
         log(f"device check on {device}: {name}…")
-        stages[name] = _stage(runs[name])
+
+        def progress(partial: dict[str, Any], name: str = name) -> None:  # a stage stopped here keeps these rows
+            stages[name] = {"ok": False, "error": "stopped mid-stage: the rows so far", **partial}
+            if save is not None:
+                save(result())
+
+        stages[name] = _stage(lambda out: runs[name](out, progress))
         log(f"device check: {name} {'done' if stages[name]['ok'] else 'FAILED: ' + stages[name]['error'][:500]} "
             f"in {stages[name]['seconds']:.0f} s")
         if save is not None:
@@ -235,40 +346,48 @@ def markdown(res: dict[str, Any]) -> str:
            (f", failed: {', '.join(t['failed'])}" if t.get("failed") else "") +
            (f" — stage error: {t['error']}" if not t["ok"] else ""), ""]
     perf = st["perf"]
-    if perf.get("presets"):
+    gib = lambda b: f"{b / 2**30:.1f}" if b is not None else "n/a"  # noqa: E731
+    ms = lambda s: f"{s * 1e3:.1f}" if s is not None else "–"  # noqa: E731
+    first = (perf.get("presets") or perf.get("compiled") or [None])[0]
+    if first is not None:
         peak = next(iter(perf["peak"].values()))
         out += [f"GEMM peak {peak['flops'] / 1e12:.1f} TFLOP/s ({peak['dtype']}, {peak.get('method', '')}); "
-                f"{perf['presets'][0]['batch_size']} × {perf['presets'][0]['seq_len']} tokens per step, eager, the loss "
-                f"head in chunks of {perf['presets'][0]['head_chunk']} tokens (unchunked: `head_chunk = 0`).", "",
+                f"{first['batch_size']} × {first['seq_len']} tokens per step, the loss head in chunks of "
+                f"{first['head_chunk']} tokens (unchunked: `head_chunk = 0`)."]
+    if perf.get("presets"):
+        out += ["", "Eager:", "",
                 "| preset | step (ms) | tokens/s | MFU | peak memory (GiB) | unchunked step (ms) | unchunked peak (GiB) |",
                 "|---|---|---|---|---|---|---|"]
-        gib = lambda b: f"{b / 2**30:.1f}" if b is not None else "n/a"  # noqa: E731
         out += [f"| `{r['preset']}` | {r['step_time_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | {r['mfu']:.0%} | "
-                f"{gib(r['peak_memory_bytes'])} | {r['step_time_unchunked_s'] * 1e3:.1f} | "
+                f"{gib(r['peak_memory_bytes'])} | {ms(r['step_time_unchunked_s'])} | "
                 f"{gib(r['peak_memory_unchunked_bytes'])} |" for r in perf["presets"]]
-        if perf.get("compiled"):
-            out += ["", "Compiled (the study's `compile = true`; first step's compile time):", "",
-                    "| preset | step (ms) | tokens/s | MFU | peak memory (GiB) | compile (s) |", "|---|---|---|---|---|---|"]
-            out += [f"| `{r['preset']}` | {r['step_time_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | {r['mfu']:.0%} | "
-                    f"{gib(r['peak_memory_bytes'])} | {r['compile_s']:.0f} |" for r in perf["compiled"]]
-        if perf.get("skipped_presets"):
-            out += ["", f"Skipped (time budget): {', '.join(perf['skipped_presets'])}."]
-    elif not perf["ok"]:
-        out += [f"perf stage error: {perf['error']}"]
+    if perf.get("compiled"):
+        out += ["", "Compiled (the study's `compile = true`; first step's compile time):", "",
+                "| preset | step (ms) | tokens/s | MFU | peak memory (GiB) | compile (s) |", "|---|---|---|---|---|---|"]
+        out += [f"| `{r['preset']}` | {r['step_time_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | {r['mfu']:.0%} | "
+                f"{gib(r['peak_memory_bytes'])} | {r['compile_s']:.0f} |" for r in perf["compiled"]]
+    if perf.get("skipped_presets"):
+        out += ["", f"Skipped (time budget): {', '.join(perf['skipped_presets'])}."]
+    notes = [f"- {what}: {r['run']}: {r.get('reason') or r.get('error')}"
+             for key, what in (("memory_skipped", "not run (memory)"), ("comparison_skipped", "unchunked comparison not run"),
+                               ("failed_runs", "failed")) for r in perf.get(key, [])]
+    out += [""] + notes if notes else []
+    if not perf["ok"] and not perf.get("failed_runs"):
+        out += ["", f"perf stage error: {perf['error']}"]
     pk = st["packed"]
     if pk.get("rows"):
         out += ["", f"Packed vs unpacked `{pk['preset']}` trials of {pk['steps']} steps "
                     f"(unpacked: {pk['unpacked_trial_s']:.1f} s per trial):", "", "| K | trials/hour packed | "
                     "trials/hour unpacked | factor |", "|---|---|---|---|"]
         out += [f"| {r['k']} | {r['packed_trials_per_hour']:.0f} | {r['unpacked_trials_per_hour']:.0f} | "
-                f"{r['factor']:.2f}× |" if "factor" in r else f"| {r['k']} | skipped | | |" for r in pk["rows"]]
-        if pk.get("small"):
-            sm = pk["small"]
+                f"{r['factor']:.2f}× |" if "factor" in r else f"| {r['k']} | {_not_measured(r)} | | |" for r in pk["rows"]]
+        sm = pk.get("small")
+        if sm and "unpacked_trial_s" in sm:
             out += ["", f"Small trials ({sm['batch_size']} × {sm['seq_len']} tokens per step; unpacked: "
                         f"{sm['unpacked_trial_s']:.1f} s per trial): " +
-                    ", ".join(f"K = {r['k']} {r['factor']:.2f}×" if "factor" in r else f"K = {r['k']} skipped"
+                    ", ".join(f"K = {r['k']} {r['factor']:.2f}×" if "factor" in r else f"K = {r['k']} {_not_measured(r)}"
                               for r in sm["rows"]) + "."]
-    elif not pk["ok"]:
+    if not pk["ok"] and not pk.get("failed_runs"):
         out += ["", f"packed stage error: {pk['error']}"]
     tg = targets(st)  # from the stages, so a JSON written by an earlier version renders the same way
     pct = lambda x: "n/a" if x is None else f"{x:.1%}"  # noqa: E731
@@ -279,6 +398,11 @@ def markdown(res: dict[str, Any]) -> str:
                 + f"; packed 16M trials ≥ {f['target']:.0f}× unpacked: "
                 + ("n/a" if f["measured"] is None else f"{f['measured']:.2f}×") + f", {'met' if f['met'] else 'not met'}."]
     return "\n".join(out) + "\n"
+
+
+def _not_measured(row: dict[str, Any]) -> str:
+    """A pack row without a factor: why (skipped, and for what; or the error it raised)."""
+    return f"skipped ({row['skipped']})" if "skipped" in row else f"failed ({row.get('error', '')})"
 
 
 def configure(name: str, p) -> None:
