@@ -76,32 +76,40 @@ def _identity_with_slope(raw: torch.Tensor):
 
 
 def _reduce(f, raw: torch.Tensor, y: torch.Tensor):
-    """l = f(raw) and f′(raw) (n, V) (the transform evaluated once), and log Z, the target's logit and
-    row statistics [Σ l, Σ l², max |l|] of l, (n,) each. Without a transform l is raw, f′ the number 1."""
-    lt, slope = f(raw)
+    """log Z, the target's logit and row statistics [Σ l, Σ l², max |l|] of l = f(raw), (n,) each, (n, 3):
+    raw (n, V) in the GEMM's dtype, raised to float32 as it is read. Without a transform l is raw."""
+    lt, _ = f(raw.float())
     m = lt.amax(-1, keepdim=True)
     lse = (m + torch.exp(lt - m).sum(-1, keepdim=True).log()).squeeze(-1)
     lt_y = lt.gather(1, y.unsqueeze(1)).squeeze(1)
-    return lt, slope, lse, lt_y, torch.stack([lt.sum(-1), (lt * lt).sum(-1), lt.abs().amax(-1)], -1)
+    return lse, lt_y, torch.stack([lt.sum(-1), (lt * lt).sum(-1), lt.abs().amax(-1)], -1)
 
 
-def _grad(lt: torch.Tensor, slope, y: torch.Tensor, lse: torch.Tensor, a: torch.Tensor, inv_n: float):
-    """∂loss/∂raw = (softmax(l)·a − onehot(y)/N)·f′(raw); a = (1 + ∂pen/∂lse)/N per token."""
+def _grad(f, raw: torch.Tensor, y: torch.Tensor, lse: torch.Tensor, a: torch.Tensor, inv_n: float,
+          dtype: torch.dtype):
+    """∂loss/∂raw = (softmax(l)·a − onehot(y)/N)·f′(raw) in ``dtype``; a = (1 + ∂pen/∂lse)/N per token.
+    l = f(raw) and f′(raw) are computed again from raw (n, V) rather than read from a buffer of their own:
+    in a fused kernel that costs arithmetic, where a buffer would cost two more passes over memory."""
+    lt, slope = f(raw.float())
     onehot = torch.arange(lt.shape[1], device=lt.device).unsqueeze(0) == y.unsqueeze(1)
-    return (torch.exp(lt - lse.unsqueeze(1)) * a.unsqueeze(1) - onehot * inv_n) * slope
+    return ((torch.exp(lt - lse.unsqueeze(1)) * a.unsqueeze(1) - onehot * inv_n) * slope).to(dtype)
 
 
 class FusedKernels:
-    """The chunk's elementwise work in two ``torch.compile``'d passes (a reduction pass: log Z, the
-    target logit, statistics; a gradient pass), the transform and its slope fused into both:
-    ``transform_with_slope(raw) -> (f(raw), f′(raw))`` (elementwise), or None for no transform.
-    Where compiling fails (no C++ compiler), it says so once on stderr and the head runs unfused."""
+    """The chunk's elementwise work in two ``torch.compile``'d passes over its logits — a reduction pass
+    (log Z, the target logit, statistics) and a gradient pass —, the transform and its slope fused into
+    both: ``transform_with_slope(raw) -> (f(raw), f′(raw))`` (elementwise), or None for no transform.
+    The logits are read in the GEMM's dtype (bf16 in bf16 runs: raised to float32 as they are read, not by
+    a pass of their own) and the gradient is written in the dtype of the GEMMs that consume it, so a chunk's
+    logits cross memory four times (written by the GEMM, read by each pass, the gradient written once)
+    plus the two GEMMs' reads of the gradient. Where compiling fails (no C++ compiler), it says so once on
+    stderr and the head runs unfused."""
 
     def __init__(self, transform_with_slope=None):
         import functools
         f = transform_with_slope or _identity_with_slope
         self.reduce = torch.compile(functools.partial(_reduce, f), dynamic=None)
-        self.grad = torch.compile(_grad, dynamic=None)
+        self.grad = torch.compile(functools.partial(_grad, f), dynamic=None)
         self.failed = False
 
     def run(self, fn, *args):
@@ -136,12 +144,15 @@ class _ChunkedHead(torch.autograd.Function):
         fold = precision in ("fp32", "fp64") and h.device.type == "cpu"
         for start in range(0, N, chunk):
             sl = slice(start, min(start + chunk, N))
-            raw = _out(precision, hc[sl] @ Ec.T).to(acc)  # (n, V) logits of this chunk
+            raw = _out(precision, hc[sl] @ Ec.T)  # (n, V) logits of this chunk, in the GEMM's dtype
             done = None
-            if fused is not None and not fused.failed and raw.dtype == torch.float32:
-                done = fused.run(_fused_chunk, fused, raw, y[sl], token_loss, N, want_grad)
+            if fused is not None and not fused.failed and acc == torch.float32:
+                # the gradient in the dtype its GEMMs read (bf16 in bf16 runs), written so by the kernel
+                g_dtype = hc.dtype if precision == "bf16" else acc
+                done = fused.run(_fused_chunk, fused, raw, y[sl], token_loss, N, want_grad, g_dtype)
             if done is None:
-                done = _eager_chunk(raw, y[sl], transform, with_slope, token_loss, N, want_grad, want_stats, fold)
+                done = _eager_chunk(raw.to(acc), y[sl], transform, with_slope, token_loss, N, want_grad, want_stats,
+                                    fold)
             lse, ce_c, pen_c, st, g = done
             del raw, done
             ce_sum += ce_c
@@ -297,15 +308,16 @@ def _eager_chunk(raw, y, transform, with_slope, token_loss, N: int, want_grad: b
     return lse, ce.sum(), pen_sum, st, g
 
 
-def _fused_chunk(fused: FusedKernels, raw, y, token_loss, N: int, want_grad: bool):
-    """One chunk through the compiled kernels: (lse, Σ ce, Σ penalty, stats (3,), gradient or None)."""
-    lt, slope_l, lse, lt_y, rows = fused.reduce(raw, y)
+def _fused_chunk(fused: FusedKernels, raw, y, token_loss, N: int, want_grad: bool, g_dtype: torch.dtype):
+    """One chunk through the compiled kernels, raw (n, V) in the GEMM's dtype: (lse, Σ ce, Σ penalty,
+    stats (3,), gradient in ``g_dtype`` or None)."""
+    lse, lt_y, rows = fused.reduce(raw, y)
     pen_sum, slope = _penalty(token_loss, lse, want_grad)
     st = torch.stack([rows[:, 0].double().sum(), rows[:, 1].double().sum(), rows[:, 2].max().double()])
     g = None
     if want_grad:
         a = (1 + slope) / N if slope is not None else torch.full_like(lse, 1.0 / N)
-        g = fused.grad(lt, slope_l, y, lse, a, 1.0 / N)
+        g = fused.grad(raw, y, lse, a, 1.0 / N, g_dtype)
     return lse, (lse - lt_y).sum(), pen_sum, st, g
 
 
@@ -325,7 +337,8 @@ def chunked_head(h: torch.Tensor, E: torch.Tensor, y: torch.Tensor, *, chunk: in
     detached log Z per token; stats: float64 (3,) [Σ logits, Σ logits², max |logit|] over all
     N × V transformed logits (zeros when ``stats`` is False: three passes over the logits saved).
     fused: compiled kernels (``FusedKernels``, built with the transform's ``transform_with_slope``) that
-    do each chunk's elementwise work in two fused passes; float32 chunks only (else unfused).
+    do each chunk's elementwise work in two fused passes, reading its logits in the GEMM's dtype (fp32,
+    bf16); float64 runs are unfused.
     transform_with_slope: the same transform as ``transform`` giving (f(raw), f′(raw)) in plain tensor
     ops; the unfused head then applies it without autograd (one multiplication by f′ in the gradient).
     """

@@ -268,16 +268,24 @@ def test_the_chunked_head_applies_a_transform_through_its_slope():
     torch.testing.assert_close(torch.autograd.grad(total, (h, E)), (gh, gE))
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("name,hp", [("baseline", {}), ("zloss", {"lam": 0.3}), ("softcap", {"cap": 2.0})],
                          ids=["baseline", "zloss", "softcap"])
-def test_compiled_fused_chunk_kernels_equal_the_eager_head(name, hp):
+def test_compiled_fused_chunk_kernels_equal_the_eager_head(name, hp, precision):
     """The compiled two-pass kernels (CUDA runs' fused head; compiled here on the CPU) give the eager
-    head's loss, log Z, statistics and gradients in float32, chunks that do not divide the tokens."""
+    head's loss, log Z, statistics and gradients, chunks that do not divide the tokens. In bf16 they read
+    the GEMM's bf16 logits as they are (no float32 copy of a chunk's logits) and write the gradient in
+    bf16, the dtype of the GEMMs that read it; the eager head rounds its float32 gradient to the same
+    bf16 before those GEMMs, so the two agree to bf16's rounding of values that differ in float32's last bits."""
     from bench.head import FusedKernels
 
     stab = make_stabilizer(name, **hp)
     cls = type(stab)
     fused = FusedKernels(stab.transform_logits_with_slope if cls.has_hook("transform_logits") else None)
+    seen = []
+    reduce, grad = fused.reduce, fused.grad
+    fused.reduce = lambda raw, *a: (seen.append(("reduce", raw.dtype)), reduce(raw, *a))[1]
+    fused.grad = lambda *a: (lambda g: (seen.append(("grad", g.dtype)), g)[1])(grad(*a))
     tok = stab.token_loss if cls.has_hook("token_loss") else None
     tr = stab.transform_logits if cls.has_hook("transform_logits") else None
     g = torch.Generator().manual_seed(0)
@@ -286,11 +294,15 @@ def test_compiled_fused_chunk_kernels_equal_the_eager_head(name, hp):
     y = torch.randint(0, 300, (50,), generator=g)
     outs = []
     for kernels in (None, fused):
-        total, ce, pen, lse, st = chunked_head(h, E, y, chunk=16, transform=tr, token_loss=tok, fused=kernels)
+        total, ce, pen, lse, st = chunked_head(h, E, y, chunk=16, transform=tr, token_loss=tok, fused=kernels,
+                                               precision=precision)
         outs.append((total.detach(), ce, pen, lse, st, *torch.autograd.grad(total, (h, E))))
     assert not fused.failed  # compiled and used: a fallback to the eager head would compare it with itself
+    low = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert set(seen) == {("reduce", low), ("grad", low)} and len(seen) == 2 * 4  # 4 chunks: 16 + 16 + 16 + 2
+    tol = 2e-5 if precision == "fp32" else 1e-2
     for eager, compiled in zip(*outs):
-        torch.testing.assert_close(compiled, eager.to(compiled.dtype), rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(compiled, eager.to(compiled.dtype), rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("slow_tanh", [False, True], ids=["tanh", "sigmoid-form"])
