@@ -76,8 +76,8 @@ def _identity_with_slope(raw: torch.Tensor):
 
 
 def _reduce(f, raw: torch.Tensor, y: torch.Tensor):
-    """log Z, the target's logit and row statistics [Σ l, Σ l², max |l|] of l = f(raw), (n,) each, (n, 3):
-    raw (n, V) in the GEMM's dtype, raised to float32 as it is read. Without a transform l is raw."""
+    """log Z and the target's logit, (n,) each, and the row statistics [Σ l, Σ l², max |l|], (n, 3), of
+    l = f(raw): raw (n, V) in the GEMM's dtype, raised to float32 as it is read. Without a transform l is raw."""
     lt, _ = f(raw.float())
     m = lt.amax(-1, keepdim=True)
     lse = (m + torch.exp(lt - m).sum(-1, keepdim=True).log()).squeeze(-1)
