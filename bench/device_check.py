@@ -278,8 +278,9 @@ def device_slug(device: str) -> str:
 def check(device: str, quick: bool, repo: Path, budget_s: float | None = None, log=print,
           save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run the three stages; the result has every key of ``FIELDS`` and every stage of ``STAGES``.
-    ``save(result)`` is called after each stage with the result so far (stages not yet run say so), so a
-    check stopped from outside still leaves what it measured."""
+    ``save(result)`` is called after each stage and each row of a stage with the result so far (stages not
+    yet run say so, a stage under way says it stopped mid-stage), so a check stopped from outside still
+    leaves what it measured."""
     import torch
 
     from . import provenance
