@@ -110,17 +110,18 @@ def memory_plan(cfg, previous, budget: int | None) -> tuple[bool, bool, str | No
     path's timer (``previous``, e.g. the unchunked head) lives beside ``cfg``'s in ``perf.preset_row``, so
     the comparison needs both estimates to fit ``budget`` bytes, the row its own. A GPU smaller than the
     H200 the check was written on (a 24 GB card, an 80 GB one) thus measures what fits and says what not."""
-    from .memory import _gib, estimate_step_bytes
+    from .memory import estimate_step_bytes, format_gib
 
     if budget is None:
         return True, True, None
     need = estimate_step_bytes(cfg)
     if need > budget:
-        return False, False, f"a step needs ~{_gib(need)} by bench.memory's estimate, above {_gib(budget)} here"
+        return False, False, (f"a step needs ~{format_gib(need)} by bench.memory's estimate, "
+                              f"above {format_gib(budget)} here")
     both = need + (estimate_step_bytes(previous) if previous is not None else 0)
     if both > budget:
-        return True, False, (f"the previous path's comparison needs ~{_gib(both)} (both timers), "
-                             f"above {_gib(budget)} here")
+        return True, False, (f"the previous path's comparison needs ~{format_gib(both)} (both timers), "
+                             f"above {format_gib(budget)} here")
     return True, True, None
 
 
@@ -225,7 +226,7 @@ def _pack_rows(device: str, p: dict[str, Any], deadline: float, batch_size: int,
     import torch
 
     from .config import from_dict
-    from .memory import _gib, estimate_step_bytes
+    from .memory import estimate_step_bytes, format_gib
     from .pack import train_pack
     from .trainer import train
 
@@ -253,8 +254,8 @@ def _pack_rows(device: str, p: dict[str, Any], deadline: float, batch_size: int,
         if time.monotonic() > deadline:
             rows.append({"k": k, "skipped": "time budget"})
         elif budget is not None and (need := k * estimate_step_bytes(members[0])) > budget:
-            rows.append({"k": k, "skipped": f"memory: {k} members' steps need ~{_gib(need)} by bench.memory's "
-                                            f"estimate, above {_gib(budget)} here"})
+            rows.append({"k": k, "skipped": f"memory: {k} members' steps need ~{format_gib(need)} by "
+                                            f"bench.memory's estimate, above {format_gib(budget)} here"})
         else:
             try:
                 secs = timed(lambda: train_pack(members))

@@ -244,7 +244,8 @@ def machine_bytes(device: str) -> tuple[int, str] | None:
         return None
 
 
-def _gib(n: float) -> str:
+def format_gib(n: float) -> str:
+    """Bytes as GiB for a message: ``1.5 GiB``."""
     return f"{n / 2**30:,.1f} GiB"
 
 
@@ -260,15 +261,15 @@ def check_memory(cfg: "RunConfig", source: str | None = None) -> None:
         return
     largest = max(terms, key=terms.get)
     key = {"logits": "vocab_size", "activations": "seq_len"}.get(largest, "model")
-    parts = ", ".join(f"{k} {_gib(v)}" for k, v in terms.items())
+    parts = ", ".join(f"{k} {format_gib(v)}" for k, v in terms.items())
     mb = cfg.micro_batch_size or cfg.batch_size
     fits = fit_micro_batch(cfg, total)
     if fits is not None:
-        raise ConfigError("micro_batch_size", f"one training step needs about {_gib(need)} ({parts}; micro-batch "
-                          f"{mb} × seq_len {cfg.seq_len}), more than this machine's {_gib(total)} of {what}; "
+        raise ConfigError("micro_batch_size", f"one training step needs about {format_gib(need)} ({parts}; "
+                          f"micro-batch {mb} × seq_len {cfg.seq_len}), more than this machine's {format_gib(total)} of {what}; "
                           f"micro_batch_size = {fits} fits (the largest divisor of batch_size {cfg.batch_size} "
                           "that does, by bench.memory)", source)
-    raise ConfigError(key, f"one training step needs about {_gib(need)} ({parts}; model {cfg.model!r}, "
+    raise ConfigError(key, f"one training step needs about {format_gib(need)} ({parts}; model {cfg.model!r}, "
                       f"micro-batch {mb} × seq_len {cfg.seq_len} × vocab_size {cfg.vocab_size}), more than "
-                      f"this machine's {_gib(total)} of {what}; lower vocab_size, seq_len, batch_size "
+                      f"this machine's {format_gib(total)} of {what}; lower vocab_size, seq_len, batch_size "
                       "(or set micro_batch_size) or use a smaller model", source)

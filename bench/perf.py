@@ -399,11 +399,6 @@ def machine() -> dict[str, Any]:
             "cpu_native_bf16": provenance.cpu_supports_bf16(), "allocator_tuned": runtime.tune_allocator()}
 
 
-def default_vocab(device: torch.device) -> int:
-    """V when ``--vocab-size`` is not given: the study's 50,304 on CUDA, 8,192 (the CPU presets') elsewhere."""
-    return 50304 if device.type == "cuda" else 8192
-
-
 def perf_config(model: str, *, device: str, precision: str, threads: int | None, batch_size: int, seq_len: int,
                 vocab_size: int, compile_: bool, head_chunk: int | None = None) -> RunConfig:
     """The run ``stabench perf`` times for ``model`` (checked): synthetic tokens, lr 3e-3 after 10 warmup
@@ -424,7 +419,7 @@ def run_perf(presets: list[str], *, quick: bool, device: str, precision: str, th
     dev = torch.device(machine_device(device))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = threads or (cores if dev.type == "cpu" else None)
-    V = vocab_size or default_vocab(dev)
+    V = vocab_size or (50304 if dev.type == "cuda" else 8192)
     base = perf_config(presets[0], device=dev.type, precision=precision, threads=threads, batch_size=batch_size,
                        seq_len=seq_len, vocab_size=V, compile_=compile_, head_chunk=head_chunk)
     runtime.set_threads(threads)
