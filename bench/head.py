@@ -37,6 +37,8 @@ Transform = Callable[[torch.Tensor], torch.Tensor]
 SlopeTransform = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """raw (n, V) -> (f(raw), f′(raw)): an elementwise transform and its derivative (``transform_logits_with_slope``)."""
 TokenLoss = Callable[[torch.Tensor], torch.Tensor]
+EmbeddingTerm = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""E (V, H) -> (a scalar loss of E, its gradient broadcastable to (V, H)): a ``loss_term_with_grad``."""
 
 DEFAULT_CHUNK = DEFAULT_HEAD_CHUNK  # tokens; 256 × V fp32 logits are 8 MiB at V = 8192, 49 MiB at 50,304
 
@@ -126,7 +128,8 @@ class FusedKernels:
 class _ChunkedHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, E, y, chunk: int, transform, token_loss, precision: str, want_grad: bool, want_stats: bool,
-                fused: "FusedKernels | None" = None, with_slope: "SlopeTransform | None" = None):
+                fused: "FusedKernels | None" = None, with_slope: "SlopeTransform | None" = None,
+                e_term: "EmbeddingTerm | None" = None):
         N = h.shape[0]
         hc, Ec = _gemm_operands(precision, h.detach(), E.detach())
         acc = torch.float64 if E.dtype == torch.float64 else torch.float32
@@ -178,11 +181,16 @@ class _ChunkedHead(torch.autograd.Function):
                 else:
                     grad_Et.addmm_(hc[sl].T, g)
             del g  # freed before the next chunk's logits: one chunk alive at a time
+        total, pen = (ce_sum + pen_sum) / N, pen_sum / N
+        term_grad = None
+        if e_term is not None:  # a loss of E alone: its value here, its gradient added to E's in backward
+            term, term_grad = e_term(E.detach())
+            total, pen = total + term, pen + term
         if want_grad:
             ctx.save_for_backward(grad_h, _out(precision, grad_Et))
-            ctx.E_dtype = E.dtype
+            ctx.E_dtype, ctx.term_grad = E.dtype, term_grad
         ctx.mark_non_differentiable(lse_all, stats)
-        return (ce_sum + pen_sum) / N, ce_sum / N, pen_sum / N, lse_all, stats
+        return total, ce_sum / N, pen, lse_all, stats
 
     @staticmethod
     def backward(ctx, g_total, *_):
@@ -190,7 +198,9 @@ class _ChunkedHead(torch.autograd.Function):
         # (H, V) → (V, H), scaled by the incoming scalar and cast to E's dtype in one pass
         grad_E = torch.empty(grad_Et.shape[::-1], dtype=ctx.E_dtype, device=grad_Et.device)
         torch.mul(grad_Et.T, g_total, out=grad_E)
-        return g_total * grad_h, grad_E, None, None, None, None, None, None, None, None, None
+        if ctx.term_grad is not None:  # the E term's gradient, (1, H) or (V, H), scaled as the head's
+            grad_E.add_(ctx.term_grad * g_total)
+        return g_total * grad_h, grad_E, None, None, None, None, None, None, None, None, None, None
 
 
 class FoldedGrad(NamedTuple):
@@ -324,7 +334,8 @@ def _fused_chunk(fused: FusedKernels, raw, y, token_loss, N: int, want_grad: boo
 def chunked_head(h: torch.Tensor, E: torch.Tensor, y: torch.Tensor, *, chunk: int = DEFAULT_CHUNK,
                  transform: Transform | None = None, token_loss: TokenLoss | None = None,
                  precision: str = "fp32", stats: bool = True, fused: FusedKernels | None = None,
-                 transform_with_slope: SlopeTransform | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 transform_with_slope: SlopeTransform | None = None, loss_term_with_grad: EmbeddingTerm | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The chunked loss head of N = B·T tokens.
 
     h: (..., H) final hidden states; E: (V, H) output embedding; y: (...,) int64 targets;
@@ -333,7 +344,8 @@ def chunked_head(h: torch.Tensor, E: torch.Tensor, y: torch.Tensor, *, chunk: in
     mean over tokens is added to the loss; precision: the run's resolved precision.
 
     Returns ``(total, ce, penalty, lse, stats)``: total = ce + penalty, a differentiable scalar
-    (gradients reach h and E); ce, penalty: detached scalars (means over tokens); lse: (...,)
+    (gradients reach h and E); ce, penalty: detached scalars (means over tokens, the penalty plus the
+    value of ``loss_term_with_grad``); lse: (...,)
     detached log Z per token; stats: float64 (3,) [Σ logits, Σ logits², max |logit|] over all
     N × V transformed logits (zeros when ``stats`` is False: three passes over the logits saved).
     fused: compiled kernels (``FusedKernels``, built with the transform's ``transform_with_slope``) that
@@ -341,6 +353,9 @@ def chunked_head(h: torch.Tensor, E: torch.Tensor, y: torch.Tensor, *, chunk: in
     bf16); float64 runs are unfused.
     transform_with_slope: the same transform as ``transform`` giving (f(raw), f′(raw)) in plain tensor
     ops; the unfused head then applies it without autograd (one multiplication by f′ in the gradient).
+    loss_term_with_grad: a loss of E alone, E (V, H) -> (value, ∂value/∂E broadcastable to (V, H)), in plain
+    tensor ops: its value joins ``total`` and ``penalty``, and its gradient is added to E's once, in the pass
+    that writes E's gradient (a stabilizer's ``loss_term_with_grad``, called once per call of the head).
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1 tokens, got {chunk}")
@@ -348,5 +363,5 @@ def chunked_head(h: torch.Tensor, E: torch.Tensor, y: torch.Tensor, *, chunk: in
     want = torch.is_grad_enabled() and (h.requires_grad or E.requires_grad)
     total, ce, pen, lse, st = _ChunkedHead.apply(h.reshape(-1, h.shape[-1]), E, y.reshape(-1), chunk,
                                                     transform, token_loss, precision, want, stats, fused,
-                                                    transform_with_slope)
+                                                    transform_with_slope, loss_term_with_grad)
     return total, ce.detach(), pen.detach(), lse.reshape(shape), st

@@ -291,11 +291,12 @@ def hook_time(s, y: torch.Tensor, reps: int = 20) -> float:
     ``transform_logits_with_slope`` and one multiplication of the logit gradient by the slope where the
     chunked head serves the stabilizer and it gives one, else through autograd —, ``token_loss`` and
     ``loss_term`` forward + backward (its inputs as the trainer builds them; gradients land in throwaway
-    tensors, E's added to a gradient already there, as the head's is in training) and the run's ``AfterStep``
-    (built once, as the trainer builds it) on the model. Hooks a stabilizer does not override cost 0, as in
-    the trainer."""
+    tensors, E's added to a gradient already there, as the head's is in training; where the chunked head runs
+    it through ``loss_term_with_grad``: that hook and the addition of its gradient, scaled, to E's) and the
+    run's ``AfterStep`` (built once, as the trainer builds it) on the model. Hooks a stabilizer does not
+    override cost 0, as in the trainer."""
     from .stabilizers import LossInputs
-    from .train_module import AfterStep, transform_with_slope, uses_chunked_head
+    from .train_module import AfterStep, term_with_grad, transform_with_slope, uses_chunked_head
 
     stab, model, dev = s.stab, s.model, s.device
     has = {h: type(stab).has_hook(h) for h in ("transform_logits", "token_loss", "loss_term", "after_step")}
@@ -308,7 +309,10 @@ def hook_time(s, y: torch.Tensor, reps: int = 20) -> float:
     hidden = torch.randn(B, T, model.cfg.n_embd, device=dev, requires_grad=True)
     E = model.output_embedding.detach().clone().requires_grad_()
     E.grad = torch.zeros_like(E)  # the head's ∂E, there before the term's, as in training: the term's is added to it
-    with_slope = transform_with_slope(stab) if uses_chunked_head(stab, s.chunk) else None
+    chunked = uses_chunked_head(stab, s.chunk)
+    with_slope = transform_with_slope(stab) if chunked else None
+    e_term = term_with_grad(stab) if chunked else None
+    one = torch.ones((), device=dev)  # the head's incoming gradient
     g_out = torch.empty_like(g) if with_slope is not None else None
     after = AfterStep(model, stab) if has["after_step"] else None  # built once, as the trainer's
 
@@ -322,7 +326,10 @@ def hook_time(s, y: torch.Tensor, reps: int = 20) -> float:
             out.backward(g)
         if has["token_loss"]:
             stab.token_loss(lse).mean().backward()
-        if has["loss_term"]:
+        if e_term is not None:  # as the head runs it: the hook, then its gradient times the incoming one into E's
+            _, grad = e_term(E.detach())
+            E.grad.add_(grad * one)
+        elif has["loss_term"]:
             reg = stab.loss_term(LossInputs(out.detach().requires_grad_(), lse, hidden, E))
             if reg is not None:
                 reg.backward()

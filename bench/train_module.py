@@ -25,7 +25,8 @@ from .head import FusedKernels, SlopeTransform, chunked_head, logit_stats
 from .model import GPT
 from .precision import param_dtype, precision_context, resolve_precision
 from .stabilizers import LossInputs, Stabilizer, make_stabilizer
-from .stabilizers.apply import apply_after_step as apply_hook, check_tensor, hooked_cross_entropy, label
+from .stabilizers.apply import (apply_after_step as apply_hook, check_tensor, embedding_term, hooked_cross_entropy,
+                                label)
 
 
 def resolve_device(cfg: RunConfig) -> torch.device:
@@ -107,6 +108,15 @@ def transform_with_slope(stab: Stabilizer) -> SlopeTransform | None:
     return stab.transform_logits_with_slope if ok else None
 
 
+def term_with_grad(stab: Stabilizer):
+    """``stab.loss_term_with_grad``, structurally checked on every call (``apply.embedding_term``), where its
+    ``loss_term`` reads only E and it gives that hook, else None: what the chunked head runs without autograd."""
+    cls = type(stab)
+    ok = (cls.has_hook("loss_term") and cls.has_hook("loss_term_with_grad")
+          and set(cls.loss_term_uses) <= {"output_embedding"})
+    return embedding_term(stab.loss_term_with_grad, label(cls)) if ok else None
+
+
 def uses_chunked_head(stab: Stabilizer, chunk: int) -> bool:
     """Whether a run with ``head_chunk = chunk`` computes ``stab``'s loss in chunks (``bench.head``)."""
     return chunk > 0 and type(stab).chunkable()
@@ -148,15 +158,17 @@ def chunked_loss(stab: Stabilizer, hidden: torch.Tensor, E: torch.Tensor, y: tor
     """``stabilized_loss`` of hidden states ``hidden`` (B, T, H) through the chunked head (``bench.head``):
     E (V, H) the output embedding, y (B, T) targets, chunk tokens per chunk; the stabilizer's transform
     and token loss run inside the head, a ``loss_term`` that reads only h and E is added after it. Used by
-    a single run and, member by member, by a pack (``bench.pack.step``)."""
+    a single run and, member by member, by a pack (``bench.pack.step``). A ``loss_term`` of E alone with a
+    ``loss_term_with_grad`` runs inside the head too, without autograd (``term_with_grad``)."""
     cls = type(stab)
     transform = stab.transform_logits if cls.has_hook("transform_logits") else None
     tok = stab.token_loss if cls.has_hook("token_loss") else None
+    e_term = term_with_grad(stab)
     total, ce, pen, lse, st = chunked_head(hidden, E, y, chunk=chunk, transform=transform, token_loss=tok,
                                            precision=precision, stats=stats, fused=fused,
-                                           transform_with_slope=transform_with_slope(stab))
+                                           transform_with_slope=transform_with_slope(stab), loss_term_with_grad=e_term)
     reg = pen
-    if cls.has_hook("loss_term"):
+    if cls.has_hook("loss_term") and e_term is None:
         extra = stab.loss_term(LossInputs(None, None, hidden, E))
         if extra is not None:
             check_tensor(label(cls), "loss_term", "a scalar loss", extra, ())

@@ -246,6 +246,22 @@ def _centering_by_delta(delta: str) -> str:
         """
 
 
+def _muloss_with_grad(grad: str, uses: str = '{"output_embedding"}') -> str:
+    """A μ-loss plug-in (λ = 1) whose ``loss_term_with_grad`` returns (‖μ‖², ``grad``); μ (1, H), V rows."""
+    return f"""
+        @dataclass(frozen=True)
+        class P(Stabilizer):
+            loss_term_uses = frozenset({uses})
+
+            def loss_term(self, inputs):
+                return inputs.output_embedding.mean(0).square().sum()
+
+            def loss_term_with_grad(self, E):
+                mu, V = E.mean(0, keepdim=True), E.shape[0]
+                return mu.square().sum(), {grad}
+        """
+
+
 PLUGINS = {
     "import error": ("import no_such_module_for_stabench\n", "ModuleNotFoundError"),
     "syntax error": ("def broken(:\n", "SyntaxError"),
@@ -304,6 +320,18 @@ PLUGINS = {
             def after_step_delta(self, params):
                 return {OUTPUT_EMBEDDING: -params[OUTPUT_EMBEDDING].mean(0)}
         """, "after_step_delta needs after_step beside it"),
+    "loss_term_with_grad that disagrees": (_muloss_with_grad("mu / V"),  # the factor 2 forgotten
+                                           "loss_term_with_grad disagrees with loss_term on the gradient"),
+    "loss_term_with_grad of a wrong shape": (_muloss_with_grad("2 * mu.T / V"),
+                                             "loss_term_with_grad must return the gradient of E second"),
+    "loss_term_with_grad beside a term of h": (_muloss_with_grad("2 * mu / V", '{"output_embedding", "hidden"}'),
+                                               "loss_term_with_grad needs beside it a loss_term that reads only"),
+    "loss_term_with_grad alone": ("""
+        @dataclass(frozen=True)
+        class P(Stabilizer):
+            def loss_term_with_grad(self, E):
+                return E.mean(0).square().sum(), 2 * E.mean(0) / E.shape[0]
+        """, "loss_term_with_grad needs beside it a loss_term"),
     "in-place edit of logits": ("""
         @dataclass(frozen=True)
         class P(Stabilizer):
@@ -338,14 +366,32 @@ def test_a_faulty_plug_in_is_one_line_naming_it_and_the_fault(capsys, tmp_path, 
     refused_sweep(capsys, tmp_path, sweep_file(tmp_path, stabilizers=f'"{spec}" = {{}}'), "faulty", words)
 
 
+def test_a_plug_in_whose_loss_term_with_grad_agrees_passes_the_preflight(tmp_path):
+    """The same plug-in as the faulty cases, with the right gradient 2μ/V: no error; and a run trains with it."""
+    from bench.model import preset
+    from bench.stabilizers.preflight import preflight
+    plugin = tmp_path / "good.py"
+    plugin.write_text("from dataclasses import dataclass\nfrom bench.stabilizers import Stabilizer\n"
+                      + textwrap.dedent(_muloss_with_grad("2 * mu / V")))
+    spec = f"{plugin}:P"
+    from bench.stabilizers import make_stabilizer
+    stab = make_stabilizer(spec)
+    preflight(spec, stab, preset("nano", vocab_size=97, seq_len=8, weight_tying=True))
+    assert main([*RUN, "--data", "synthetic:tokens=5000", "--stabilizer", spec, "--out", str(tmp_path / "o")]) == 0
+
+
 def test_hooks_are_also_checked_on_every_call_without_a_sync():
     """The per-call structural check in apply.py (what training runs; preflight aside)."""
-    from bench.stabilizers.apply import apply_after_step, hooked_cross_entropy
+    from bench.stabilizers.apply import apply_after_step, embedding_term, hooked_cross_entropy
     E = torch.randn(8, 4)
     with pytest.raises(StabilizerError, match="'mine': after_step must return .* shape \\(8, 4\\)"):
         apply_after_step(lambda p: {"E": p["E"].mean(0)}, {"E": E}, "E", "mine")
     with pytest.raises(StabilizerError, match="'mine': after_step_delta must return .* broadcasts to \\(8, 4\\)"):
         apply_after_step(None, {"E": E}, "E", "mine", delta=lambda p: {"E": p["E"].mean(1)})
+    with pytest.raises(StabilizerError, match="'mine': loss_term_with_grad must return a scalar loss first"):
+        embedding_term(lambda E_: (E_.sum(0), E_), "mine")(E)
+    with pytest.raises(StabilizerError, match="'mine': loss_term_with_grad edited its input"):
+        embedding_term(lambda E_: (E_.mul_(2).sum(), E_), "mine")(E)
     logits = torch.randn(2, 3, 8)
     with pytest.raises(StabilizerError, match="loss_term must return a scalar"):
         hooked_cross_entropy(logits, torch.zeros(2, 3, dtype=torch.long), torch.randn(2, 3, 4), E, None,

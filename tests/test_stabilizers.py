@@ -178,3 +178,55 @@ def test_softcap_in_fp32_is_tanh_within_a_few_ulps_in_either_form(slow_tanh, mon
     l = torch.linspace(-300, 300, 100_001)
     want = (30 * torch.tanh(l.double() / 30)).float()
     torch.testing.assert_close(module.softcap(l, 30.0), want, rtol=4e-7, atol=30 * 2.0 ** -22)
+
+
+def test_muloss_with_grad_is_its_loss_term_and_autograds_gradient_to_the_bit():
+    """``loss_term_with_grad`` (what the chunked head runs) gives ``loss_term``'s value and the gradient
+    autograd forms from it (incoming gradient 1), bit for bit, in float32 and float64."""
+    from bench.stabilizers import LossInputs
+    for dtype in (torch.float32, torch.float64):
+        g = torch.Generator().manual_seed(0)
+        E = torch.randn(300, 16, generator=g, dtype=dtype).add_(0.3).requires_grad_()
+        stab = make_stabilizer("muloss", lam=2e-3)
+        loss = stab.loss_term(LossInputs(None, None, None, E))
+        (grad,) = torch.autograd.grad(loss, E)
+        value, row = stab.loss_term_with_grad(E.detach())
+        assert row.shape == (1, 16) and value.shape == ()
+        assert torch.equal(value, loss.detach())
+        assert torch.equal(row.expand_as(E).to(dtype), grad)
+
+
+@pytest.mark.parametrize("micro", [8, 2], ids=["one micro-batch", "four micro-batches"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16-emu"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunked_muloss_without_autograd_is_bit_identical_to_its_loss_term(tied, precision, micro):
+    """The chunked head runs μ-loss through ``loss_term_with_grad`` (its value joins the loss, its gradient is
+    added to E's in the head's backward); without that hook it runs ``loss_term`` through autograd. Same
+    losses and parameters over 20 steps, tied (E's gradient also has the embedding's) and untied."""
+    from dataclasses import dataclass
+
+    from bench.config import RunConfig
+    from bench.stabilizers import Stabilizer
+    from bench.stabilizers.muloss import MuLoss
+    from bench.train_module import SingleModule
+
+    @dataclass(frozen=True)
+    class ByAutograd(MuLoss):  # μ-loss without its gradient form: loss_term through autograd
+        loss_term_with_grad = Stabilizer.loss_term_with_grad
+
+    cfg = RunConfig(model="nano", vocab_size=97, seq_len=8, batch_size=8, micro_batch_size=micro,
+                    stabilizer="muloss", hparams={"lam": 50.0}, lr=3e-2, weight_tying=tied, precision=precision,
+                    device="cpu", threads=1, head_chunk=5)
+    direct, by_autograd = SingleModule(cfg), SingleModule(cfg)
+    by_autograd.stab = ByAutograd(lam=50.0)
+    calls = []
+    hook = direct.stab.loss_term_with_grad
+    object.__setattr__(direct.stab, "loss_term_with_grad", lambda E: calls.append(1) or hook(E))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        x = torch.randint(0, 97, (8, 8), generator=g)
+        a, b = (m.train_batch(x, x.roll(-1, 1), [3e-2], False)[0] for m in (direct, by_autograd))
+        assert torch.equal(a, b) and float(a[1]) > 0  # ce, reg (the μ-loss), grad norm
+    assert len(calls) == 20 * (8 // micro)
+    for p, q in zip(direct.model.parameters(), by_autograd.model.parameters()):
+        assert torch.equal(p, q)

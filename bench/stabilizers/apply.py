@@ -99,6 +99,25 @@ def hooked_cross_entropy(logits: torch.Tensor, y: torch.Tensor, hidden: torch.Te
     return ce_tok, lse, reg, logits_out
 
 
+def embedding_term(hook: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], stabilizer: str = "stabilizer"):
+    """``hook`` (a ``loss_term_with_grad``) with its result checked on every call, without a host sync: it must
+    leave E unedited and return (a scalar, a floating-point tensor that broadcasts to E's shape); else
+    StabilizerError naming ``stabilizer``."""
+    name = "loss_term_with_grad"
+
+    def call(E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        before = _versions([E])
+        out = hook(E)
+        _check_unedited(stabilizer, name, ["output_embedding"], [E], before)
+        if not isinstance(out, tuple) or len(out) != 2:
+            raise _fault(stabilizer, name, f"must return a pair (value, gradient of E), got {_describe(out)}")
+        check_tensor(stabilizer, name, "a scalar loss first", out[0], ())
+        check_broadcast(stabilizer, name, "the gradient of E second", out[1], tuple(E.shape))
+        return out
+
+    return call
+
+
 @torch.no_grad()
 def apply_after_step(after_step: AfterStep, params: dict[str, torch.Tensor], output_embedding_name: str,
                      stabilizer: str = "stabilizer", delta: AfterStep | None = None) -> None:

@@ -22,3 +22,11 @@ class MuLoss(Stabilizer):
         # backward materializes a (V × H) tensor first
         mu = E.sum(dim=0) / E.shape[-2]  # (H,)
         return self.lam * mu.square().sum()
+
+    def loss_term_with_grad(self, output_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(λ·‖μ‖², ∂/∂E = 2λμ/V for every row, (1, H)): ``loss_term``'s value, and its gradient with the
+        roundings autograd gives it there (λ, then 2μ times it, then / V)."""
+        E = output_embedding.float()
+        V = E.shape[-2]
+        mu = E.sum(dim=0, keepdim=True) / V  # (1, H)
+        return self.lam * mu.square().sum(), (mu * 2).mul_(self.lam).div_(V)

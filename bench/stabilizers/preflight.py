@@ -18,7 +18,7 @@ import torch
 
 from ..errors import StabilizerError
 from ..model import GPT, ModelConfig
-from .apply import apply_after_step, hooked_cross_entropy
+from .apply import apply_after_step, embedding_term, hooked_cross_entropy
 from .base import LossInputs, Stabilizer
 
 HOOKS = ("transform_logits", "token_loss", "loss_term", "after_step")
@@ -65,6 +65,11 @@ def preflight(spec: str, stab: Stabilizer, model_cfg: ModelConfig) -> None:
     if cls.has_hook("after_step_delta") and not cls.has_hook("after_step"):
         raise StabilizerError(f"stabilizer {spec!r}: after_step_delta needs after_step beside it (the update as new "
                               "values; packed runs apply that one)")
+    if cls.has_hook("loss_term_with_grad") and not (cls.has_hook("loss_term")
+                                                    and set(cls.loss_term_uses) <= {"output_embedding"}):
+        raise StabilizerError(f"stabilizer {spec!r}: loss_term_with_grad needs beside it a loss_term that reads only "
+                              "output_embedding (loss_term_uses = {'output_embedding'}; the unchunked head runs "
+                              "that one)")
     if not any(cls.has_hook(h) for h in HOOKS):
         return
     small = small_model_config(model_cfg)
@@ -90,6 +95,8 @@ def preflight(spec: str, stab: Stabilizer, model_cfg: ModelConfig) -> None:
             _finite(spec, "transform_logits", "logits", lt)
         if reg is not None:
             _finite(spec, "token_loss / loss_term", "a loss", reg)
+    if cls.has_hook("loss_term_with_grad"):
+        _check_term_agrees(spec, stab, model.output_embedding.detach(), hidden)
     if cls.has_hook("after_step"):
         def after(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             new = _guard(spec, "after_step", stab.after_step)(named)
@@ -105,6 +112,26 @@ def preflight(spec: str, stab: Stabilizer, model_cfg: ModelConfig) -> None:
         if copies is not None:
             _check_delta_agrees(spec, stab, copies, params, e_name)
     _PASSED.add(key)
+
+
+def _check_term_agrees(spec: str, stab: Stabilizer, E: torch.Tensor, hidden: torch.Tensor) -> None:
+    """``loss_term_with_grad(E)`` passes the structural checks and gives ``loss_term``'s value and its
+    autograd gradient with respect to E (to float32 rounding, relative to the largest entry of each)."""
+    value, grad = embedding_term(_guard(spec, "loss_term_with_grad", stab.loss_term_with_grad), spec)(E)
+    with torch.enable_grad():
+        E_ = E.clone().requires_grad_()
+        ref = _guard(spec, "loss_term", stab.loss_term)(LossInputs(None, None, hidden, E_))
+        if ref is None:  # no term: the pair must be (0, 0)
+            ref = torch.zeros((), device=E.device)
+        (ref_grad,) = torch.autograd.grad(ref, E_, allow_unused=True) if ref.requires_grad else (None,)
+    ref_grad = torch.zeros_like(E) if ref_grad is None else ref_grad
+    for what, got, want in (("value", value, ref.detach()), ("gradient", grad.expand_as(E), ref_grad)):
+        _finite(spec, "loss_term_with_grad", what, got)
+        scale = float(want.abs().max())
+        if not torch.allclose(got.to(want.dtype), want, rtol=1e-5, atol=1e-6 * scale):
+            raise StabilizerError(f"stabilizer {spec!r}: loss_term_with_grad disagrees with loss_term on the {what} "
+                                  f"(max difference {float((got - want).abs().max()):.3g}, largest entry {scale:.3g}, "
+                                  "on small random inputs); it must give loss_term's value and its gradient of E")
 
 
 def _check_delta_agrees(spec: str, stab: Stabilizer, copies: dict[str, torch.Tensor],
