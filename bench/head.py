@@ -354,8 +354,8 @@ def chunked_head(h: torch.Tensor, E: torch.Tensor, y: torch.Tensor, *, chunk: in
     transform_with_slope: the same transform as ``transform`` giving (f(raw), f′(raw)) in plain tensor
     ops; the unfused head then applies it without autograd (one multiplication by f′ in the gradient).
     loss_term_with_grad: a loss of E alone, E (V, H) -> (value, ∂value/∂E broadcastable to (V, H)), in plain
-    tensor ops: its value joins ``total`` and ``penalty``, and its gradient is added to E's once, in the pass
-    that writes E's gradient (a stabilizer's ``loss_term_with_grad``, called once per call of the head).
+    tensor ops: its value joins ``total`` and ``penalty``, and its gradient, times the incoming one, is added
+    to E's in backward (a stabilizer's ``loss_term_with_grad``, called once per call of the head).
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1 tokens, got {chunk}")

@@ -89,10 +89,10 @@ class Stabilizer:
     def loss_term_with_grad(self, output_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Optional, for speed, beside a ``loss_term`` that reads only ``output_embedding``: (its value, a
         scalar; its gradient with respect to E (V, H), a tensor that broadcasts to (V, H)), in plain tensor
-        ops on the detached E. With it the chunked head adds the value to the loss and the gradient to E's
-        in the pass that writes E's gradient, with no autograd graph (μ-loss's hooks at ``micro``: 116 vs 184 µs
-        a step); the unchunked head and packs of unchunked heads keep ``loss_term``. Must agree with
-        ``loss_term``: the preflight of a plug-in checks both on small random inputs."""
+        ops on the detached E. With it the chunked head adds the value to its loss and, in its backward, the
+        gradient to E's, with no autograd graph (μ-loss's hooks at ``micro``: 116 vs 184 µs a step); the
+        unchunked head and packs of unchunked heads keep ``loss_term``. Must agree with ``loss_term``: the
+        preflight of a plug-in checks both on small random inputs."""
         raise NotImplementedError
 
     def after_step(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
