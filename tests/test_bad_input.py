@@ -369,14 +369,13 @@ def test_a_faulty_plug_in_is_one_line_naming_it_and_the_fault(capsys, tmp_path, 
 def test_a_plug_in_whose_loss_term_with_grad_agrees_passes_the_preflight(tmp_path):
     """The same plug-in as the faulty cases, with the right gradient 2μ/V: no error; and a run trains with it."""
     from bench.model import preset
+    from bench.stabilizers import make_stabilizer
     from bench.stabilizers.preflight import preflight
     plugin = tmp_path / "good.py"
     plugin.write_text("from dataclasses import dataclass\nfrom bench.stabilizers import Stabilizer\n"
                       + textwrap.dedent(_muloss_with_grad("2 * mu / V")))
     spec = f"{plugin}:P"
-    from bench.stabilizers import make_stabilizer
-    stab = make_stabilizer(spec)
-    preflight(spec, stab, preset("nano", vocab_size=97, seq_len=8, weight_tying=True))
+    preflight(spec, make_stabilizer(spec), preset("nano", vocab_size=97, seq_len=8, weight_tying=True))
     assert main([*RUN, "--data", "synthetic:tokens=5000", "--stabilizer", spec, "--out", str(tmp_path / "o")]) == 0
 
 
