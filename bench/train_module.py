@@ -112,8 +112,7 @@ def term_with_grad(stab: Stabilizer):
     """``stab.loss_term_with_grad``, structurally checked on every call (``apply.embedding_term``), where its
     ``loss_term`` reads only E and it gives that hook, else None: what the chunked head runs without autograd."""
     cls = type(stab)
-    ok = (cls.has_hook("loss_term") and cls.has_hook("loss_term_with_grad")
-          and set(cls.loss_term_uses) <= {"output_embedding"})
+    ok = cls.has_hook("loss_term_with_grad") and cls.loss_term_of_embedding_alone()
     return embedding_term(stab.loss_term_with_grad, label(cls)) if ok else None
 
 

@@ -131,6 +131,12 @@ class Stabilizer:
         neither the full logits nor log Z (``loss_term_uses``)."""
         return not cls.has_hook("loss_term") or not ({"logits", "lse"} & set(cls.loss_term_uses))
 
+    @classmethod
+    def loss_term_of_embedding_alone(cls) -> bool:
+        """True when ``cls`` has a ``loss_term`` that reads only E (``loss_term_uses``): the only kind a
+        ``loss_term_with_grad`` may stand in for."""
+        return cls.has_hook("loss_term") and set(cls.loss_term_uses) <= {"output_embedding"}
+
 
 def check_nonnegative(stab: Stabilizer, field: str) -> None:
     """Raise ValueError unless ``stab.field`` is a finite number >= 0 (tensors pass: packed runs)."""

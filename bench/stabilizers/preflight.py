@@ -65,8 +65,7 @@ def preflight(spec: str, stab: Stabilizer, model_cfg: ModelConfig) -> None:
     if cls.has_hook("after_step_delta") and not cls.has_hook("after_step"):
         raise StabilizerError(f"stabilizer {spec!r}: after_step_delta needs after_step beside it (the update as new "
                               "values; packed runs apply that one)")
-    if cls.has_hook("loss_term_with_grad") and not (cls.has_hook("loss_term")
-                                                    and set(cls.loss_term_uses) <= {"output_embedding"}):
+    if cls.has_hook("loss_term_with_grad") and not cls.loss_term_of_embedding_alone():
         raise StabilizerError(f"stabilizer {spec!r}: loss_term_with_grad needs beside it a loss_term that reads only "
                               "output_embedding (loss_term_uses = {'output_embedding'}; the unchunked head runs "
                               "that one)")
