@@ -266,7 +266,8 @@ def check_memory(cfg: "RunConfig", source: str | None = None) -> None:
     fits = fit_micro_batch(cfg, total)
     if fits is not None:
         raise ConfigError("micro_batch_size", f"one training step needs about {format_gib(need)} ({parts}; "
-                          f"micro-batch {mb} × seq_len {cfg.seq_len}), more than this machine's {format_gib(total)} of {what}; "
+                          f"micro-batch {mb} × seq_len {cfg.seq_len}), more than this machine's "
+                          f"{format_gib(total)} of {what}; "
                           f"micro_batch_size = {fits} fits (the largest divisor of batch_size {cfg.batch_size} "
                           "that does, by bench.memory)", source)
     raise ConfigError(key, f"one training step needs about {format_gib(need)} ({parts}; model {cfg.model!r}, "
