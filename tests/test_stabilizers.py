@@ -169,12 +169,28 @@ def test_softcap_value_and_gradient_match_the_tanh_formula():
     torch.testing.assert_close(torch.vmap(softcap)(ls, caps), torch.stack([softcap(ls[i], caps[i]) for i in range(2)]))
 
 
-@pytest.mark.parametrize("slow_tanh", [False, True], ids=["tanh", "sigmoid-form"])
-def test_softcap_in_fp32_is_tanh_within_a_few_ulps_in_either_form(slow_tanh, monkeypatch):
-    """fp32 soft-capping by ATen's tanh, or by 2·sigmoid(2x) − 1 where the CPU's tanh is slow."""
+def test_softcaps_sigmoid_form_has_the_bits_of_the_form_that_trained_the_committed_results():
+    """The sigmoid form in three passes, x/(c/2) → sigmoid → 2s − 1, gives every bit of the five-pass
+    (x/c)·2 → sigmoid → ·2 → −1 that trained the committed soft-capping runs: logits over fp32's whole
+    range, zeros, subnormals, infinities and NaN, with a float cap and with a per-member tensor cap
+    (packs)."""
+    from bench.stabilizers.softcap import _tanh_of_quotient
+
+    g = torch.Generator().manual_seed(0)
+    edge = torch.tensor([0.0, -0.0, 1e-45, -1e-38, 1e-30, 3e38, -3e38, float("inf"), -float("inf"), float("nan")])
+    x = torch.cat([torch.randn(200_000, generator=g) * 10.0 ** torch.randint(-8, 8, (200_000,), generator=g), edge])
+    for cap in (30.0, 3.0, 0.7, torch.tensor([[30.0], [5.0]])):
+        xs = x.expand(2, -1) if isinstance(cap, torch.Tensor) else x
+        five_pass = torch.div(xs, cap).mul_(2).sigmoid_().mul_(2).sub_(1)
+        assert torch.equal(_tanh_of_quotient(xs, cap).view(torch.int32), five_pass.view(torch.int32))
+
+
+@pytest.mark.parametrize("sigmoid_form", [False, True], ids=["tanh", "sigmoid-form"])
+def test_softcap_in_fp32_is_tanh_within_a_few_ulps_in_either_form(sigmoid_form, monkeypatch):
+    """fp32 soft-capping by ATen's tanh (CUDA), or by 2·sigmoid(2x) − 1 (CPU)."""
     from bench.stabilizers import softcap as module
 
-    monkeypatch.setattr(module, "SLOW_CPU_TANH", slow_tanh)
+    monkeypatch.setattr(module, "SIGMOID_FORM_ON_CPU", sigmoid_form)
     l = torch.linspace(-300, 300, 100_001)
     want = (30 * torch.tanh(l.double() / 30)).float()
     torch.testing.assert_close(module.softcap(l, 30.0), want, rtol=4e-7, atol=30 * 2.0 ** -22)

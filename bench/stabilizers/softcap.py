@@ -6,23 +6,32 @@ import torch
 from .base import Stabilizer, check_positive
 
 
-SLOW_CPU_TANH = torch.backends.cpu.get_cpu_capability() == "AVX2"
-"""Whether ATen's CPU kernels are its AVX2 build, whose tanh is ~3.5× slower than its sigmoid
-(measured: 8.7 vs 2.4 ms for 512 × 8192 fp32 values on 2 AVX2 cores). Its AVX-512 build's tanh
-costs what its sigmoid does (2.3 vs 2.6 ms on one Xeon core, with the division). A module constant,
-not a cached call: ``torch.compile`` reads it as a constant (a cached function it warns about)."""
+SIGMOID_FORM_ON_CPU = True
+"""Whether tanh(x/c) is formed on CPU as 2·sigmoid(2x/c) − 1 rather than by ATen's tanh. ATen's CPU
+tanh is the slow one of its transcendentals wherever it was measured against its sigmoid (512 × 8192
+fp32 values, the division included): ~3.5× slower on 2 AVX2 EPYC cores (8.7 vs 2.4 ms), ~6× on an
+AVX-512 EPYC core (5.7 vs 0.9 ms, 256 × 8192), and as fast on an AVX-512 Xeon core (2.3 vs 2.6 ms for
+the five-pass sigmoid form of earlier versions). One form on every CPU keeps a run's bits the same on
+AVX2 and AVX-512 machines (the committed results were trained in this form). A module constant, not a
+cached call: ``torch.compile`` reads it as a constant; tests patch it to check the tanh form, which
+CUDA runs take."""
 
 
 def _tanh_of_quotient(x: torch.Tensor, cap) -> torch.Tensor:
-    """tanh(x / cap) in one fresh buffer. Where the CPU's tanh is slow (``SLOW_CPU_TANH``) computed
-    in place as 2·sigmoid(2·(x/cap)) − 1, within a few fp32 ulps of tanh (absolute error ≤ 2⁻²³
-    near 0, ~1e-7 relative elsewhere), three passes more but faster there; else as tanh."""
-    if x.device.type == "cpu" and SLOW_CPU_TANH:
-        return torch.div(x, cap).mul_(2).sigmoid_().mul_(2).sub_(1)
+    """tanh(x / cap) in a fresh buffer (x is not written). On CPU (``SIGMOID_FORM_ON_CPU``) as
+    2·sigmoid(2x/cap) − 1 in three passes — x / (cap/2), the sigmoid in place, then 2s − 1 into a new
+    buffer (``out=`` has no vmap rule, and packs vmap it) — within a few fp32 ulps of tanh (absolute
+    error ≤ 2⁻²³ near 0, ~1e-7 relative elsewhere); elsewhere by ATen's tanh.
+    x / (cap/2) equals (x / cap)·2 bit for bit (scaling by 2 is exact) and 2s − 1 rounds once, as
+    ``mul_(2).sub_(1)`` does: the same bits as the five-pass form that trained the committed results."""
+    if x.device.type == "cpu" and SIGMOID_FORM_ON_CPU:
+        s = torch.div(x, cap / 2).sigmoid_()
+        return torch.add(_MINUS_ONE.to(s), s, alpha=2)
     return torch.div(x, cap).tanh_()
 
 
 _ONE = torch.ones(())
+_MINUS_ONE = -_ONE
 
 
 class _SoftCap(torch.autograd.Function):
