@@ -170,7 +170,7 @@ def test_softcap_value_and_gradient_match_the_tanh_formula():
 
 
 def test_softcaps_sigmoid_form_has_the_bits_of_the_form_that_trained_the_committed_results():
-    """The sigmoid form in three passes, x/(c/2) → sigmoid → 2s − 1, gives every bit of the five-pass
+    """The sigmoid form in four passes, x/(c/2) → sigmoid → ·2 → −1, gives every bit of the five-pass
     (x/c)·2 → sigmoid → ·2 → −1 that trained the committed soft-capping runs: logits over fp32's whole
     range, zeros, subnormals, infinities and NaN, with a float cap and with a per-member tensor cap
     (packs)."""
