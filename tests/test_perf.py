@@ -47,10 +47,15 @@ def test_perf_quick_writes_consistent_json(tmp_path):
             assert len(o["round_ratios"]) == res["settings"]["rounds"] and o["step_time_s"] > 0
             assert math.isclose(o["overhead"], statistics.median(o["round_ratios"]) - 1, rel_tol=1e-9, abs_tol=1e-12)
             assert math.isclose(o["hook_overhead"], o["hook_s"] / base["step_time_s"], rel_tol=1e-9)
+            # the hooks are timed in every round too, and reported as the median over rounds
+            assert len(o["hook_round_s"]) == res["settings"]["rounds"]
+            assert o["hook_s"] == statistics.median(o["hook_round_s"])
             # only what a stabilizer adds is timed: a baseline's hooks do nothing and cost nothing
             assert (o["hook_s"] == 0) == o["stabilizer"].startswith("baseline")
         cap = next(o for o in rows if o["stabilizer"] == "softcap")
         assert cap["floor_s"] > 0 and math.isclose(cap["floor_overhead"], cap["floor_s"] / base["step_time_s"])
+        assert cap["floor_s"] == statistics.median(cap["floor_round_s"]) and len(cap["floor_round_s"]) == len(
+            cap["hook_round_s"])
 
 
 def test_perf_layouts_report_trials_per_hour(tmp_path):
