@@ -7,14 +7,12 @@ from .base import Stabilizer, check_positive
 
 
 SIGMOID_FORM_ON_CPU = True
-"""Whether tanh(x/c) is formed on CPU as 2·sigmoid(2x/c) − 1 rather than by ATen's tanh. ATen's CPU
-tanh is the slow one of its transcendentals wherever it was measured against its sigmoid (512 × 8192
-fp32 values, the division included): ~3.5× slower on 2 AVX2 EPYC cores (8.7 vs 2.4 ms), ~6× on an
-AVX-512 EPYC core (5.7 vs 0.9 ms, 256 × 8192), and as fast on an AVX-512 Xeon core (2.3 vs 2.6 ms for
-the five-pass sigmoid form of earlier versions). One form on every CPU keeps a run's bits the same on
-AVX2 and AVX-512 machines (the committed results were trained in this form). A module constant, not a
-cached call: ``torch.compile`` reads it as a constant; tests patch it to check the tanh form, which
-CUDA runs take."""
+"""Whether tanh(x/c) is formed on CPU as 2·sigmoid(2x/c) − 1 rather than by ATen's tanh. Measured, the
+division included, fp32: ATen's tanh took ~3.5× the time of the sigmoid form on 2 AVX2 EPYC cores (8.7 vs
+2.4 ms for 512 × 8192 values), ~6× on an AVX-512 EPYC core (5.7 vs 0.9 ms for 256 × 8192), and about the
+same on an AVX-512 Xeon core (2.3 vs 2.6 ms, against the five-pass form of earlier versions). One form
+on every CPU also keeps a run's bits the same on AVX2 and AVX-512 machines; the committed results were
+trained in it. CUDA takes the tanh form; tests patch this constant to check it."""
 
 
 def _tanh_of_quotient(x: torch.Tensor, cap) -> torch.Tensor:
@@ -23,7 +21,7 @@ def _tanh_of_quotient(x: torch.Tensor, cap) -> torch.Tensor:
     within a few fp32 ulps of tanh (absolute error ≤ 2⁻²³ near 0, ~1e-7 relative elsewhere); elsewhere
     by ATen's tanh. x / (cap/2) equals (x / cap)·2 bit for bit (scaling by 2 is exact), so this has the
     bits of the five-pass (x / cap)·2 → sigmoid → ·2 → −1 that trained the committed results, one pass
-    fewer. (2s − 1 in one ``add`` would save one more, ~0.1 ms per 512 × 8192 values, but only with
+    fewer. (2s − 1 in one ``add`` would save one more, 0.06–0.3 ms per 512 × 8192 values, but only with
     ``out=``, which has no vmap rule, and packs vmap this; into a fresh buffer it measured slower.)"""
     if x.device.type == "cpu" and SIGMOID_FORM_ON_CPU:
         return torch.div(x, cap / 2).sigmoid_().mul_(2).sub_(1)
