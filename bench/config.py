@@ -190,6 +190,11 @@ class RunConfig:
     # multi-tensor path (bit for bit the for-loop; the kernel of runs recorded before this field, see
     # ``upgrade_stored``). Same arithmetic up to rounding. Packs use their own row-wise AdamW (bench.pack.optim).
     adamw: Literal["fused", "foreach"] = execution_field("fused")
+    # the library of a single CPU run's fp32 products (bench.gemm): oneDNN's matmul or ATen's mm (MKL on x86-64,
+    # which takes its AVX2 path on AMD CPUs; the kernels of runs recorded before this field, see
+    # ``upgrade_stored``); "auto" = oneDNN where this PyTorch has it on an x86-64 CPU. Same sums up to their
+    # order. Packs keep ATen's batched products; CUDA runs, compiled graphs and other dtypes are unaffected.
+    cpu_gemm: Literal["auto", "aten", "onednn"] = execution_field("auto")
     threads: int | None = execution_field(None, pack_shared=15, cli=15)
     log: Literal["none", "tensorboard", "wandb", "mlflow"] = execution_field("none", cli=21)  # bench.tracking
 
@@ -305,6 +310,10 @@ class RunConfig:
             if not device_available(self.device):
                 fail("device", f"{self.device!r} is not available on this machine; allowed here: auto, cpu")
             check_memory(self, source)
+            from .gemm import onednn_available
+            if self.cpu_gemm == "onednn" and machine_device(self.device) == "cpu" and not onednn_available():
+                fail("cpu_gemm", "oneDNN's fp32 matmul is not available in this PyTorch on this machine; "
+                                 "allowed here: auto, aten")
         try:
             stab = make_stabilizer(self.stabilizer, **self.hparams)
             preflight(self.stabilizer, stab, self.model_config())
@@ -452,11 +461,13 @@ def upgrade_stored(d: dict[str, Any]) -> dict[str, Any]:
     """A config dict as an older stabench stored it (runs.parquet ``config``, a trial's attribute), in
     today's fields: no ``arch_version`` → 1 (the model before issue 14); ``divergence.stop_on_spike``
     → ``divergence.spike`` (``stop`` / ``record``); no ``adamw`` → the kernels the run had before it
-    (``_kernels_before_adamw``). Today's dicts pass unchanged."""
+    (``_kernels_before_adamw``); no ``cpu_gemm`` → "aten", the products every run had before it. Today's
+    dicts pass unchanged."""
     out = dict(d)
     out.setdefault("arch_version", 1)
     if "adamw" not in out:
         out.update(_kernels_before_adamw(out))
+    out.setdefault("cpu_gemm", "aten")
     div = out.get("divergence")
     if isinstance(div, dict) and "stop_on_spike" in div:
         div = dict(div)

@@ -31,6 +31,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from .config import DEFAULT_HEAD_CHUNK
+from .gemm import mm
 from .precision import bf16_round
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -129,7 +130,7 @@ class _ChunkedHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, E, y, chunk: int, transform, token_loss, precision: str, want_grad: bool, want_stats: bool,
                 fused: "FusedKernels | None" = None, with_slope: "SlopeTransform | None" = None,
-                e_term: "EmbeddingTerm | None" = None):
+                e_term: "EmbeddingTerm | None" = None, lib: str = "aten"):
         N = h.shape[0]
         hc, Ec = _gemm_operands(precision, h.detach(), E.detach())
         acc = torch.float64 if E.dtype == torch.float64 else torch.float32
@@ -147,7 +148,7 @@ class _ChunkedHead(torch.autograd.Function):
         fold = precision in ("fp32", "fp64") and h.device.type == "cpu"
         for start in range(0, N, chunk):
             sl = slice(start, min(start + chunk, N))
-            raw = _out(precision, hc[sl] @ Ec.T)  # (n, V) logits of this chunk, in the GEMM's dtype
+            raw = _out(precision, mm(hc[sl], Ec.T, lib))  # (n, V) logits of this chunk, in the GEMM's dtype
             done = None
             if fused is not None and not fused.failed and acc == torch.float32:
                 # the gradient in the dtype its GEMMs read (bf16 in bf16 runs), written so by the kernel
@@ -165,12 +166,12 @@ class _ChunkedHead(torch.autograd.Function):
                 stats[:2] += st[:2]
                 stats[2] = torch.maximum(stats[2], st[2])
             if isinstance(g, FoldedGrad):
-                _apply_folded(g, hc[sl], Ec, y[sl], grad_h[sl], grad_Et, first=start == 0)
+                _apply_folded(g, hc[sl], Ec, y[sl], grad_h[sl], grad_Et, first=start == 0, lib=lib)
             elif g is not None:
                 g = _out(precision, g).to(hc.dtype)
-                grad_h[sl] = _out(precision, g @ Ec).to(h.dtype)  # (n, H)
-                if g.dtype != acc:  # bf16 operands: a bf16 product, accumulated in fp32
-                    part = hc[sl].T @ g
+                grad_h[sl] = _out(precision, mm(g, Ec, lib)).to(h.dtype)  # (n, H)
+                if g.dtype != acc or lib != "aten":  # a product (bf16 in bf16 runs), accumulated in fp32
+                    part = mm(hc[sl].T, g, lib)
                     if start == 0:
                         grad_Et.copy_(part)
                     else:
@@ -200,7 +201,7 @@ class _ChunkedHead(torch.autograd.Function):
         torch.mul(grad_Et.T, g_total, out=grad_E)
         if ctx.term_grad is not None:  # the E term's gradient, (1, H) or (V, H), scaled as the head's
             grad_E.add_(ctx.term_grad * g_total)
-        return g_total * grad_h, grad_E, None, None, None, None, None, None, None, None, None, None
+        return g_total * grad_h, grad_E, None, None, None, None, None, None, None, None, None, None, None
 
 
 class FoldedGrad(NamedTuple):
@@ -217,18 +218,24 @@ class FoldedGrad(NamedTuple):
 
 
 def _apply_folded(g: FoldedGrad, hc: torch.Tensor, Ec: torch.Tensor, y: torch.Tensor, grad_h: torch.Tensor,
-                  grad_Et: torch.Tensor, first: bool) -> None:
+                  grad_Et: torch.Tensor, first: bool, lib: str = "aten") -> None:
     """Writes the chunk's ∂/∂h = diag(row)·q·E − diag(target)·E[y] into ``grad_h`` (n, H) and adds its
     ∂/∂Eᵀ = (diag(row)·h)ᵀ·q − (the rows target·h, added into the columns y) to ``grad_Et`` (H, V)
-    (written instead of added for the first chunk)."""
+    (written instead of added for the first chunk); the products in ``lib`` (``bench.gemm``)."""
     row = g.row if isinstance(g.row, float) else g.row.unsqueeze(1)
-    torch.mm(g.q, Ec, out=grad_h)
-    grad_h.mul_(row)
     h_row = hc * row
-    if first:
-        torch.mm(h_row.T, g.q, out=grad_Et)
-    else:
-        grad_Et.addmm_(h_row.T, g.q)
+    if lib == "aten":
+        torch.mm(g.q, Ec, out=grad_h)
+        grad_h.mul_(row)
+        if first:
+            torch.mm(h_row.T, g.q, out=grad_Et)
+        else:
+            grad_Et.addmm_(h_row.T, g.q)
+    else:  # a library without out= / accumulation: its products, then one pass each over (n, H) and (H, V)
+        torch.mul(mm(g.q, Ec, lib), row, out=grad_h)
+        part = mm(h_row.T, g.q, lib)
+        grad_Et.copy_(part) if first else grad_Et.add_(part)
+        del part
     if g.target is not None:
         grad_h.sub_(Ec.index_select(0, y) * g.target.unsqueeze(1))
         grad_Et.index_add_(1, y, (hc * g.target.unsqueeze(1)).T, alpha=-1)
@@ -334,8 +341,8 @@ def _fused_chunk(fused: FusedKernels, raw, y, token_loss, N: int, want_grad: boo
 def chunked_head(h: torch.Tensor, E: torch.Tensor, y: torch.Tensor, *, chunk: int = DEFAULT_CHUNK,
                  transform: Transform | None = None, token_loss: TokenLoss | None = None,
                  precision: str = "fp32", stats: bool = True, fused: FusedKernels | None = None,
-                 transform_with_slope: SlopeTransform | None = None, loss_term_with_grad: EmbeddingTerm | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 transform_with_slope: SlopeTransform | None = None, loss_term_with_grad: EmbeddingTerm | None = None,
+                 gemm: str = "aten") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The chunked loss head of N = B·T tokens.
 
     h: (..., H) final hidden states; E: (V, H) output embedding; y: (...,) int64 targets;
@@ -356,6 +363,8 @@ def chunked_head(h: torch.Tensor, E: torch.Tensor, y: torch.Tensor, *, chunk: in
     loss_term_with_grad: a loss of E alone, E (V, H) -> (value, ∂value/∂E broadcastable to (V, H)), in plain
     tensor ops: its value joins ``total`` and ``penalty``, and its gradient, times the incoming one, is added
     to E's in backward (a stabilizer's ``loss_term_with_grad``, called once per call of the head).
+    gemm: the library of the head's fp32 products on CPU, "aten" or "onednn" (``bench.gemm``; same sums up
+    to their order).
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1 tokens, got {chunk}")
@@ -363,5 +372,5 @@ def chunked_head(h: torch.Tensor, E: torch.Tensor, y: torch.Tensor, *, chunk: in
     want = torch.is_grad_enabled() and (h.requires_grad or E.requires_grad)
     total, ce, pen, lse, st = _ChunkedHead.apply(h.reshape(-1, h.shape[-1]), E, y.reshape(-1), chunk,
                                                     transform, token_loss, precision, want, stats, fused,
-                                                    transform_with_slope, loss_term_with_grad)
+                                                    transform_with_slope, loss_term_with_grad, gemm)
     return total, ce.detach(), pen.detach(), lse.reshape(shape), st

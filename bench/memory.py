@@ -56,7 +56,8 @@ def _stabilizer_class(cfg: "RunConfig") -> type | None:
 
 def head_bytes(cfg: "RunConfig", train: bool = True) -> int:
     """Bytes the loss head of one micro-batch holds at its peak (float32 logits-sized buffers,
-    and for the chunked head's training pass its (V × H) and (N × H) gradients)."""
+    and for the chunked head's training pass its (V × H) and (N × H) gradients, and with oneDNN's
+    products, ``bench.gemm``, a chunk's (H × V) addend)."""
     m = cfg.model_config()
     N = (cfg.micro_batch_size or cfg.batch_size) * cfg.seq_len
     V, H = m.vocab_size, m.n_embd
@@ -66,7 +67,9 @@ def head_bytes(cfg: "RunConfig", train: bool = True) -> int:
     transforms = _stabilizer_class(cfg).has_hook("transform_logits")  # loadable: the head is chunked
     copies = (CHUNK_COPIES + (CHUNK_TRANSFORM_COPIES if transforms else 0)
               + (cfg.resolved_precision in ("bf16", "bf16-emu")))  # bf16: the GEMM's output before fp32; emu: a rounding copy
-    return copies * n * V * 4 + ((V + N) * H * 4 if train else 0)
+    from .gemm import for_run
+    onednn = train and for_run(cfg) == "onednn"  # its (H × V) product of a chunk, before it is added
+    return copies * n * V * 4 + ((V + N) * H * 4 if train else 0) + (V * H * 4 if onednn else 0)
 
 
 def _value_bytes(cfg: "RunConfig") -> tuple[int, int]:

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import gemm
 from .presets import (ARCH_VERSION, CPU_PRESETS, PRESETS, STUDY_PRESETS, ModelConfig, count_params,  # noqa: F401
                       flops_per_token, preset)
 
@@ -71,12 +72,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.to(x.dtype) + swapped * sin.to(x.dtype)
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` without bias whose products run in ``library`` ("aten" or "onednn",
+    see ``bench.gemm``; set for a whole model by ``GPT.use_gemm``). Same parameters and state dict."""
+
+    library: str = "aten"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gemm.linear(x, self.weight, self.library)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
-        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
-        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.qkv = Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.proj = Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.q_norm = nn.LayerNorm(cfg.head_dim, bias=False)  # head-wise qk-LayerNorm
         self.k_norm = nn.LayerNorm(cfg.head_dim, bias=False)
 
@@ -93,8 +104,8 @@ class SwiGLU(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_up = nn.Linear(cfg.n_embd, 2 * cfg.ffn_dim, bias=False)
-        self.down = nn.Linear(cfg.ffn_dim, cfg.n_embd, bias=False)
+        self.gate_up = Linear(cfg.n_embd, 2 * cfg.ffn_dim, bias=False)
+        self.down = Linear(cfg.ffn_dim, cfg.n_embd, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
@@ -124,12 +135,13 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=False)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         cos, sin = rope_tables(cfg.seq_len, cfg.head_dim)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         if cfg.weight_tying:
             self.lm_head.weight = self.wte.weight
+        self.gemm_library = "aten"
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -142,6 +154,14 @@ class GPT(nn.Module):
             for w in block.mlp.gate_up.weight.chunk(2):  # W and V: two (F×H) matrices, Xavier each
                 nn.init.xavier_normal_(w)
             nn.init.normal_(block.attn.proj.weight, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
+
+    def use_gemm(self, library: str) -> "GPT":
+        """Run every linear layer's products in ``library`` ("aten" or "onednn", ``bench.gemm``)."""
+        self.gemm_library = library  # the loss head's too (``train_module.stabilized_loss``)
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.library = library
+        return self
 
     @property
     def output_embedding(self) -> nn.Parameter:

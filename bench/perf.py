@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from . import provenance, runtime
+from . import gemm, provenance, runtime
 from .config import RunConfig, from_dict, machine_device
 from .model import flops_per_token
 from .precision import resolve_precision
@@ -54,8 +54,10 @@ def median_seconds(fn, device: torch.device, reps: int, warmup: int = 2, after=N
     return statistics.median(times)
 
 
-def gemm_peak(dtype: torch.dtype, device: torch.device, sizes=None, reps: int = 5) -> dict[str, Any]:
-    """Best dense matmul FLOP/s over square sizes (median of ``reps`` timings per size).
+def gemm_peak(dtype: torch.dtype, device: torch.device, sizes=None, reps: int = 5,
+              library: str = "aten") -> dict[str, Any]:
+    """Best dense matmul FLOP/s over square sizes (median of ``reps`` timings per size), the products in
+    ``library`` ("aten", "onednn": ``bench.gemm``, the run's: its MFU is against the peak of its own kernels).
 
     CPU: one matmul per timing, sizes 512–2048. CUDA: sizes 4096–16384 and 10 back-to-back matmuls
     between two CUDA events per timing, so kernel launches and host syncs do not count (timing one
@@ -69,11 +71,12 @@ def gemm_peak(dtype: torch.dtype, device: torch.device, sizes=None, reps: int = 
         if cuda:
             secs = _event_seconds(lambda: a @ b, inner=10, reps=reps)
         else:
-            secs = median_seconds(lambda: a @ b, device, reps)
+            secs = median_seconds(lambda: gemm.mm(a, b, library), device, reps)
         flops = 2 * n**3 / secs
         if flops > best:
             best, at = flops, n
-    return {"dtype": str(dtype).removeprefix("torch."), "flops": best, "size": at,
+    used = library if gemm._fits(a, b) else "aten"
+    return {"dtype": str(dtype).removeprefix("torch."), "flops": best, "size": at, "library": used,
             "method": "CUDA events over 10 back-to-back matmuls" if cuda else "wall clock per matmul"}
 
 
@@ -125,10 +128,12 @@ def _quantile(xs: list[float], q: float) -> float:
 
 
 def previous_path(cfg: RunConfig) -> dict[str, Any]:
-    """The settings of the training step before the chunked head and CPU-fused AdamW (the kernels the
-    committed CPU results were trained with): the unchunked head, and on CPU AdamW's foreach path
-    (CUDA runs had the fused kernel already)."""
-    return {"head_chunk": 0} if machine_device(cfg.device) == "cuda" else {"head_chunk": 0, "adamw": "foreach"}
+    """The settings of the training step before the chunked head, CPU-fused AdamW and oneDNN's products (the
+    kernels the committed CPU results were trained with): the unchunked head, and on CPU AdamW's foreach
+    path and ATen's products (CUDA runs had the fused kernel already)."""
+    if machine_device(cfg.device) == "cuda":
+        return {"head_chunk": 0}
+    return {"head_chunk": 0, "adamw": "foreach", "cpu_gemm": "aten"}
 
 
 def preset_row(cfg: RunConfig, data, steps: int, warmup_steps: int, peak: float, rounds: int = 3,
@@ -448,14 +453,16 @@ def run_perf(presets: list[str], *, quick: bool, device: str, precision: str, th
     dtype = torch.bfloat16 if prec == "bf16" else (torch.float64 if prec == "fp64" else torch.float32)
     log(f"measuring {str(dtype).removeprefix('torch.')} GEMM peak on {provenance.device_name(dev)} "
         f"with {torch.get_num_threads()} threads…")
-    peak = gemm_peak(dtype, dev)
+    library = gemm.for_run(base)
+    peak = gemm_peak(dtype, dev, library=library)
     peaks = {peak["dtype"]: peak}
     if dev.type == "cpu" and dtype != torch.float32:
-        fp32 = gemm_peak(torch.float32, dev)
+        fp32 = gemm_peak(torch.float32, dev, library=library)
         peaks[fp32["dtype"]] = fp32
     result: dict[str, Any] = {
         "created_at": provenance.utc_now(), "machine": machine(), "versions": provenance.versions(),
         "settings": {"device": dev.type, "precision": prec, "threads": torch.get_num_threads(), "quick": quick,
+                     "cpu_gemm": library,
                      "batch_size": batch_size, "seq_len": seq_len, "vocab_size": V, "compile": compile_, "head_chunk": base.head_chunk, **knobs},
         "peak": peaks, "presets": [], "overhead": [], "layouts": [], "packed": [], "head": None}
     for name in presets:
@@ -507,7 +514,7 @@ def run_perf(presets: list[str], *, quick: bool, device: str, precision: str, th
 
 def format_table(result: dict[str, Any]) -> str:
     peak = next(iter(result["peak"].values()))
-    out = [f"GEMM peak ({peak['dtype']}, {result['settings']['threads']} threads): {peak['flops'] / 1e9:.1f} GFLOP/s",
+    out = [f"GEMM peak ({peak['dtype']}, {peak.get('library', 'aten')}, {result['settings']['threads']} threads): {peak['flops'] / 1e9:.1f} GFLOP/s",
            "", f"{'preset':8} {'params':>10} {'prec':>5} {'step ms':>8} {'p10-p90 ms':>13} {'tokens/s':>10} "
                f"{'GFLOP/s':>8} {'MFU':>6}"]
     for r in result["presets"]:
@@ -548,6 +555,9 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+_LIBRARY = {"aten": "ATen's", "onednn": "oneDNN's"}
+
+
 def format_markdown(result: dict[str, Any]) -> str:
     """The README's Performance tables from a ``stabench perf`` result."""
     st, m = result["settings"], result["machine"]
@@ -555,7 +565,8 @@ def format_markdown(result: dict[str, Any]) -> str:
     where = (f"{m['cuda']} (host: {m['cpu_count']} cores" if st["device"] == "cuda" and m.get("cuda")
              else f"{m['processor']} ({m['cpu_count']} cores, {st['threads']} threads")
     out = [f"Measured {result['created_at'][:10]} on {where}, {st['precision']}, batch {st['batch_size']} × seq {st['seq_len']}, "
-           f"V = {st['vocab_size']}); GEMM peak {peak['flops'] / 1e9:.0f} GFLOP/s ({peak['dtype']}, {peak['size']}²).",
+           f"V = {st['vocab_size']}); GEMM peak {peak['flops'] / 1e9:.0f} GFLOP/s ({peak['dtype']}, {peak['size']}², "
+           f"{_LIBRARY.get(peak.get('library', 'aten'), 'ATen')} products).",
            "", "| preset | parameters | step (ms, median) | p10–p90 (ms) | tokens/s | GFLOP/s | MFU |",
            "|---|---|---|---|---|---|---|"]
     out += [f"| `{r['preset']}` | {r['n_params']:,} | {r['step_time_s'] * 1e3:.1f} | "
@@ -564,7 +575,9 @@ def format_markdown(result: dict[str, Any]) -> str:
     mib = lambda b: f"{b / 2**20:,.0f}" if b is not None else "n/a"  # noqa: E731
     before = result["presets"][0].get("previous_path", {"head_chunk": 0}) if result["presets"] else {"head_chunk": 0}
     settings = ", ".join(f'`{k} = {json.dumps(v)}`' for k, v in before.items())
-    words = "the unchunked head" + (", AdamW's foreach path: the kernels of the committed CPU results" if "adamw" in before else "")
+    words = "the unchunked head" + (", AdamW's foreach path" if "adamw" in before else "") + (
+        ", ATen's (MKL's) products" if "cpu_gemm" in before else "") + (
+        ": the kernels of the committed CPU results" if "adamw" in before else "")
     out += ["", f"The training step (loss head in chunks of `head_chunk` tokens) against the previous path ({settings}: "
                 f"{words}), interleaved in one process; peak memory of one training step above what the "
                 "process held before it (CPU: tensors in PyTorch's allocator, through the profiler; CUDA: `max_memory_allocated`) and by "

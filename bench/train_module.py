@@ -19,7 +19,7 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 
-from . import runtime
+from . import gemm, runtime
 from .config import RunConfig, machine_device
 from .head import FusedKernels, SlopeTransform, chunked_head, logit_stats
 from .model import GPT
@@ -137,7 +137,8 @@ def stabilized_loss(model: GPT, stab: Stabilizer, x: torch.Tensor, y: torch.Tens
     if uses_chunked_head(stab, chunk):
         with autocast:
             hidden = (features or model.features)(x)
-        return chunked_loss(stab, hidden, E, y, chunk=chunk, precision=precision, stats=stats, fused=fused)
+        return chunked_loss(stab, hidden, E, y, chunk=chunk, precision=precision, stats=stats, fused=fused,
+                            gemm=getattr(model, "gemm_library", "aten"))
     cls = type(stab)
     term = (lambda lt, lse, h, E: stab.loss_term(LossInputs(lt, lse, h, E))) if cls.has_hook("loss_term") else None
     transform = stab.transform_logits if cls.has_hook("transform_logits") else None
@@ -153,19 +154,21 @@ def stabilized_loss(model: GPT, stab: Stabilizer, x: torch.Tensor, y: torch.Tens
 
 
 def chunked_loss(stab: Stabilizer, hidden: torch.Tensor, E: torch.Tensor, y: torch.Tensor, *, chunk: int,
-                 precision: str = "fp32", stats: bool = False, fused=None) -> Loss:
+                 precision: str = "fp32", stats: bool = False, fused=None, gemm: str = "aten") -> Loss:
     """``stabilized_loss`` of hidden states ``hidden`` (B, T, H) through the chunked head (``bench.head``):
     E (V, H) the output embedding, y (B, T) targets, chunk tokens per chunk; the stabilizer's transform
     and token loss run inside the head, a ``loss_term`` that reads only h and E is added after it. Used by
     a single run and, member by member, by a pack (``bench.pack.step``). A ``loss_term`` of E alone with a
-    ``loss_term_with_grad`` runs inside the head too, without autograd (``term_with_grad``)."""
+    ``loss_term_with_grad`` runs inside the head too, without autograd (``term_with_grad``). gemm: the
+    library of the head's products ("aten", "onednn": ``bench.gemm``; a single run's model's, a pack's "aten")."""
     cls = type(stab)
     transform = stab.transform_logits if cls.has_hook("transform_logits") else None
     tok = stab.token_loss if cls.has_hook("token_loss") else None
     e_term = term_with_grad(stab)
     total, ce, pen, lse, st = chunked_head(hidden, E, y, chunk=chunk, transform=transform, token_loss=tok,
                                            precision=precision, stats=stats, fused=fused,
-                                           transform_with_slope=transform_with_slope(stab), loss_term_with_grad=e_term)
+                                           transform_with_slope=transform_with_slope(stab), loss_term_with_grad=e_term,
+                                           gemm=gemm)
     reg = pen
     if cls.has_hook("loss_term") and e_term is None:
         extra = stab.loss_term(LossInputs(None, None, hidden, E))
@@ -219,6 +222,8 @@ class SingleModule:
         self.stab = make_stabilizer(cfg.stabilizer, **cfg.hparams)
         torch.manual_seed(cfg.seed)
         self.model = GPT(cfg.model_config()).to(self.device, param_dtype(self.precision))
+        # the library of the model's and the head's products (bench.gemm): oneDNN's or ATen's
+        self.model.use_gemm(gemm.for_run(cfg))
         self.params = list(self.model.parameters())  # the step clips these (a tied matrix once)
         decay = [p for p in self.params if p.dim() >= 2]
         no_decay = [p for p in self.params if p.dim() < 2]

@@ -206,7 +206,7 @@ def test_a_step_that_cannot_fit_in_memory_is_refused(capsys, tmp_path, flags, ke
 def test_estimate_step_bytes_by_hand():
     from bench.memory import estimate_eval_bytes, estimate_step_bytes
     cfg = RunConfig(model="nano", vocab_size=256, seq_len=16, batch_size=4, micro_batch_size=2, precision="fp32",
-                    head_chunk=0)
+                    head_chunk=0, cpu_gemm="aten", device="cpu")
     L, H, n_head, V = 1, 32, 4, 256
     F = 256 * math.ceil((8 * H // 3) / 256)  # 256: the study's SwiGLU width
     P = 2 * V * H + L * (3 * H * H + H * H + 2 * (H // n_head) + 3 * H * F + 2 * H) + H
@@ -223,11 +223,14 @@ def test_estimate_step_bytes_by_hand():
     assert estimate_step_bytes(cfg.replace(head_chunk=1000)) == head + 2 * N * V * 4
     assert estimate_step_bytes(chunked.replace(stabilizer="softcap")) == head + 4 * 8 * V * 4
     assert estimate_step_bytes(chunked.replace(precision="bf16-emu")) == head + 3 * 8 * V * 4
+    # oneDNN's products (bench.gemm): one more (H × V) buffer, a chunk's addend to E's gradient, in training only
+    assert estimate_step_bytes(chunked.replace(cpu_gemm="onednn")) == head + 2 * 8 * V * 4 + V * H * 4
     # a stabilizer whose loss_term reads the logits keeps the unchunked head, and its memory
     assert estimate_step_bytes(chunked.replace(stabilizer=str(Path(__file__).parent / "plugins" / "my_stabilizers.py") + ":LogitL2")) == want
     # one evaluation pass: the weights, one layer's activations, two logits-sized buffers
     assert estimate_eval_bytes(cfg) == P * 4 + N * (16 * H + 4 * F) * 4 + 2 * N * V * 4
     assert estimate_eval_bytes(chunked) == P * 4 + N * (16 * H + 4 * F) * 4 + 2 * 8 * V * 4
+    assert estimate_eval_bytes(chunked.replace(cpu_gemm="onednn")) == estimate_eval_bytes(chunked)
 
 
 # -- cause 10: plug-in stabilizers ----------------------------------------------------------------------

@@ -22,7 +22,7 @@ KEY_V2 = ["model", "arch_version", "stabilizer", "hparams", "weight_tying", "lr"
           "seq_len", "vocab_size", "data", "seed", "data_seed", "beta1", "beta2", "eps", "weight_decay",
           "grad_clip", "precision", "eval_every", "eval_batches", "divergence"]
 """Key version 2: version 1's fields and arch_version (issue 14), which changed every key once."""
-EXECUTION_FIELDS = ("sweep", "log_every", "micro_batch_size", "device", "compile", "head_chunk", "adamw", "threads", "log")
+EXECUTION_FIELDS = ("sweep", "log_every", "micro_batch_size", "device", "compile", "head_chunk", "adamw", "cpu_gemm", "threads", "log")
 SPEC_AXES = {
     "model": "[grid] as models = [...]",
     "lr": "[grid] as lr = [...]",
@@ -34,7 +34,7 @@ SPEC_AXES = {
 }
 SPEC_TRAIN_KEYS = ["arch_version", "min_lr", "warmup", "steps", "batch_size", "seq_len", "vocab_size", "data", "data_seed",
                    "beta1", "beta2", "eps", "weight_decay", "grad_clip", "precision", "eval_every",
-                   "eval_batches", "final_eval_batches", "divergence", "tf32", "log_every", "micro_batch_size", "device", "compile", "head_chunk", "adamw", "threads", "log"]
+                   "eval_batches", "final_eval_batches", "divergence", "tf32", "log_every", "micro_batch_size", "device", "compile", "head_chunk", "adamw", "cpu_gemm", "threads", "log"]
 SPEC_SHARED_FIELDS = (
     "model", "vocab_size", "seq_len", "weight_tying",
     "data", "batch_size", "steps", "warmup",
@@ -154,6 +154,6 @@ def test_a_field_added_with_another_value_changes_the_key():
 def test_execution_fields_do_not_change_the_key():
     cfg = RunConfig()
     for name, value in [("sweep", "other"), ("log_every", 3), ("micro_batch_size", 4), ("device", "cpu"),
-                        ("compile", True), ("head_chunk", 0), ("adamw", "foreach"), ("threads", 2)]:
+                        ("compile", True), ("head_chunk", 0), ("adamw", "foreach"), ("cpu_gemm", "aten"), ("threads", 2)]:
         assert dataclasses.replace(cfg, **{name: value}).key() == cfg.key(), name
     assert dataclasses.replace(cfg, lr=0.1).key() != cfg.key()

@@ -78,8 +78,10 @@ def test_every_committed_result_is_pinned_by_its_sweep_file_to_the_kernels_it_wa
                 continue  # results of a command, not of a sweep file (e.g. precision-tax)
             stored = from_stored(json.loads(config))
             rerun = from_dict({**RunConfig().to_dict(), **sweeps[name]})
-            assert (rerun.adamw, rerun.head_chunk) == (stored.adamw, stored.head_chunk), \
-                f"sweeps for {name} must set adamw = {stored.adamw!r} and head_chunk = {stored.head_chunk}"
+            assert (rerun.adamw, rerun.head_chunk, rerun.cpu_gemm) == (stored.adamw, stored.head_chunk,
+                                                                      stored.cpu_gemm), \
+                f"sweeps for {name} must set adamw = {stored.adamw!r}, head_chunk = {stored.head_chunk} and " \
+                f"cpu_gemm = {stored.cpu_gemm!r}"
             checked += 1
     assert checked >= 5  # cpu-repro, cpu-lambda, cpu-long and the regime searches
 
