@@ -190,11 +190,12 @@ class RunConfig:
     # multi-tensor path (bit for bit the for-loop; the kernel of runs recorded before this field, see
     # ``upgrade_stored``). Same arithmetic up to rounding. Packs use their own row-wise AdamW (bench.pack.optim).
     adamw: Literal["fused", "foreach"] = execution_field("fused")
-    # the library of a single CPU run's fp32 products (bench.gemm): oneDNN's matmul or ATen's mm (MKL on x86-64,
+    # the library of a CPU run's fp32 products (bench.gemm): oneDNN's matmul or ATen's mm (MKL on x86-64,
     # which takes its AVX2 path on AMD CPUs; the kernels of runs recorded before this field, see
     # ``upgrade_stored``); "auto" = oneDNN where this PyTorch has it on an x86-64 CPU. Same sums up to their
-    # order. Packs keep ATen's batched products; CUDA runs, compiled graphs and other dtypes are unaffected.
-    cpu_gemm: Literal["auto", "aten", "onednn"] = execution_field("auto")
+    # order. A pack's loss head too (its batched body keeps ATen's products); CUDA runs, compiled graphs and
+    # other dtypes are unaffected.
+    cpu_gemm: Literal["auto", "aten", "onednn"] = execution_field("auto", pack_shared=21)
     threads: int | None = execution_field(None, pack_shared=15, cli=15)
     log: Literal["none", "tensorboard", "wandb", "mlflow"] = execution_field("none", cli=21)  # bench.tracking
 

@@ -44,6 +44,7 @@ SPEC_SHARED_FIELDS = (
     "compile",  # a pack compiles its one batched forward, or not
     "arch_version", "final_eval_batches", "tf32",
     "head_chunk",  # a pack runs the chunked head member by member (one chunk size), or members in chunks
+    "cpu_gemm",  # … its products in one library
 )
 SPEC_RUN_FLAGS = {
     "--model": ("model", str), "--stabilizer": ("stabilizer", str), "--lr": ("lr", float),

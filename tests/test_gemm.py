@@ -112,7 +112,7 @@ def test_a_run_multiplies_in_the_library_its_config_names(monkeypatch):
     calls = []
     real = gemm._onednn_linear
     monkeypatch.setattr(gemm, "_onednn_linear", lambda x, w: calls.append(tuple(x.shape)) or real(x, w))
-    x = torch.randint(0, 256, (4, 32))
+    x = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
     losses, weights = {}, {}
     for library in ("aten", "onednn", "auto"):
         calls.clear()
@@ -126,7 +126,9 @@ def test_a_run_multiplies_in_the_library_its_config_names(monkeypatch):
     assert losses["auto"] == losses["onednn"] and torch.equal(weights["auto"], weights["onednn"])  # auto: oneDNN here
     assert not torch.equal(weights["onednn"], weights["aten"])  # other sums, other bits …
     assert losses["onednn"] == pytest.approx(losses["aten"], rel=1e-4)  # … the same run up to rounding
-    torch.testing.assert_close(weights["onednn"], weights["aten"], rtol=1e-3, atol=1e-5)
+    # Adam moves a weight by at most ~lr per step whatever its gradient: a near-zero gradient's rounding can
+    # flip its step's sign, so the weights agree within 2·lr per step, not within fp32 rounding
+    assert float((weights["onednn"] - weights["aten"]).abs().max()) <= 2 * 3e-3 * 3
 
 
 @needs_onednn
@@ -148,3 +150,20 @@ def test_asking_for_onednn_where_it_is_missing_fails_before_training(monkeypatch
     assert tiny_config(cpu_gemm="auto", device="cpu").cpu_gemm == "auto"  # auto falls back to ATen there
     assert gemm.resolve("auto", torch.device("cpu")) == "aten"
     assert gemm.resolve("onednn", torch.device("cuda")) == "aten"  # a CUDA run's products are cuBLAS's
+
+
+@needs_onednn
+def test_a_packs_loss_head_multiplies_in_the_library_its_members_name(monkeypatch):
+    from bench.pack.module import PackModule
+
+    calls = []
+    real = gemm._onednn_linear
+    monkeypatch.setattr(gemm, "_onednn_linear", lambda x, w: calls.append(tuple(x.shape)) or real(x, w))
+    x = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    for library in ("aten", "onednn"):
+        calls.clear()
+        cfgs = [tiny_config(cpu_gemm=library, precision="fp32", head_chunk=64, seed=s, data_seed=1) for s in (1, 2)]
+        pack = PackModule(cfgs)
+        pack.train_batch(x, x.roll(-1, 1), [3e-3, 1e-3], stats=False)
+        # per member, a chunk of 64 tokens' hidden states times Eᵀ (the batched body's products stay ATen's)
+        assert ((64, pack.scratch.cfg.n_embd) in calls) is (library == "onednn"), library

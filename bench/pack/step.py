@@ -42,13 +42,14 @@ class PackStep:
 
     def __init__(self, mcfg: ModelConfig, store: FlatParams, stab: PackedStabilizer, e_name: str,
                  autocast, cos: torch.Tensor, sin: torch.Tensor, features=packed_features, *,
-                 precision: str = "fp32", chunk: int = 0):
+                 precision: str = "fp32", chunk: int = 0, gemm: str = "aten"):
         self.mcfg, self.store, self.stab, self.e_name = mcfg, store, stab, e_name
         self.autocast, self.cos, self.sin = autocast, cos, sin
         self.features = features  # packed_features, or its torch.compile'd version
         self.tied = mcfg.weight_tying
         self.precision = precision  # the resolved precision ``autocast`` applies (the chunked head's own GEMMs)
         self.chunk = chunk if chunk > 0 and stab.cls.chunkable() else 0  # tokens per chunk; 0: members in chunks
+        self.gemm = gemm  # the library of the chunked head's products (bench.gemm); the batched body's are ATen's
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, n_micro: int, stats: bool):
         """Gradients of mean-over-micro-batches (ce + reg) per member for batch (x, y) of shape (B, T).
@@ -102,7 +103,7 @@ class PackStep:
             hj = h[j].detach().requires_grad_()
             Ej = E[j].requires_grad_()
             out = chunked_loss(stab, hj.view(mb, T, -1), Ej, ys, chunk=self.chunk, precision=self.precision,
-                               stats=want_stats)
+                               stats=want_stats, gemm=self.gemm)
             gh, gE = torch.autograd.grad(out.total / n_micro, [hj, Ej])
             dh[j] = gh
             FlatParams.write_grads(g_e[j:j + 1], [gE.unsqueeze(0)], add=add)
