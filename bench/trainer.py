@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from . import provenance, records
+from . import gemm, provenance, records
 from .config import RunConfig
 from .data import TokenData, load_data
 from .divergence import DivergenceMonitor
@@ -190,7 +190,9 @@ def build_run_record(cfg: RunConfig, model: GPT, fwd, stab: Stabilizer, val, dev
         "tokens_per_s": cfg.batch_size * cfg.seq_len / step_time if step_time > 0 else float("nan"),
         "device": provenance.device_name(device), "threads": torch.get_num_threads(),
         **{k: v for k, v in provenance.versions().items() if k != "python"},
-        "started_at": started_at, "config": json.dumps(cfg.to_dict(), sort_keys=True, default=str),
+        # the config as it ran: cpu_gemm resolved ("auto" → the library that multiplied, bench.gemm)
+        "started_at": started_at, "config": json.dumps({**cfg.to_dict(), "cpu_gemm": gemm.for_run(cfg)}, sort_keys=True,
+                                                       default=str),
         "schema_version": records.SCHEMA_VERSION,
     }
 

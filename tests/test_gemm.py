@@ -167,3 +167,15 @@ def test_a_packs_loss_head_multiplies_in_the_library_its_members_name(monkeypatc
         pack.train_batch(x, x.roll(-1, 1), [3e-3, 1e-3], stats=False)
         # per member, a chunk of 64 tokens' hidden states times Eᵀ (the batched body's products stay ATen's)
         assert ((64, pack.scratch.cfg.n_embd) in calls) is (library == "onednn"), library
+
+
+def test_a_runs_record_names_the_library_that_multiplied():
+    import json
+
+    from bench.trainer import train
+
+    cfg = tiny_config(steps=6, warmup=1, eval_every=3, device="cpu", precision="fp32")
+    assert cfg.cpu_gemm == "auto"
+    stored = json.loads(train(cfg).run["config"])
+    assert stored["cpu_gemm"] == gemm.for_run(cfg) == ("onednn" if gemm.onednn_available() else "aten")
+    assert from_stored(stored).key() == cfg.key()  # an execution setting: the run keeps its key
