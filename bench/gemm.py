@@ -13,7 +13,7 @@ dispatches on the CPU's instruction sets, not its vendor), 2.0-2.4× faster for 
   dtypes (fp64, and bf16 under autocast, which PyTorch already runs in oneDNN), on CUDA, inside a
   precision emulation mode (``bf16-emu``'s ``BF16Rounding`` sees ``F.linear``) and in compiled
   graphs stay ATen's. Same arithmetic up to the order of the sums, so up to rounding; deterministic
-  for a given machine (checked bit for bit between calls and thread counts in the tests).
+  on a given machine (bit for bit from call to call, tests/test_gemm.py).
 - ``auto`` (default): ``onednn`` where this PyTorch has it on an x86-64 CPU, else ``aten``.
 """
 from __future__ import annotations
@@ -22,9 +22,6 @@ import functools
 import platform
 
 import torch
-
-SETTINGS = ("auto", "aten", "onednn")
-
 
 @functools.cache
 def onednn_available() -> bool:
@@ -61,7 +58,7 @@ def for_run(cfg) -> str:
     return "aten" if cfg.compile else resolve(cfg.cpu_gemm, torch.device(machine_device(cfg.device)))
 
 
-def _fits(*ts: torch.Tensor) -> bool:
+def onednn_takes(*ts: torch.Tensor) -> bool:
     """Whether oneDNN takes these operands: fp32 CPU tensors, outside any torch-function mode (a precision
     emulation rounds what ``F.linear`` / ``torch.mm`` receive and return) and outside autocast."""
     return (all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)
@@ -74,11 +71,11 @@ def _onednn_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
 
-def mm(a: torch.Tensor, b: torch.Tensor, backend: str) -> torch.Tensor:
-    """a·b, a (m, k), b (k, n), in a fresh (m, n) tensor: oneDNN's where ``backend`` is "onednn" and the
-    operands fit (``_fits``), else ATen's. Not differentiable through oneDNN (the head forms its own
+def mm(a: torch.Tensor, b: torch.Tensor, library: str) -> torch.Tensor:
+    """a·b, a (m, k), b (k, n), in a fresh (m, n) tensor: oneDNN's where ``library`` is "onednn" and the
+    operands fit (``onednn_takes``), else ATen's. Not differentiable through oneDNN (the head forms its own
     gradients)."""
-    if backend == "onednn" and _fits(a, b):
+    if library == "onednn" and onednn_takes(a, b):
         return _onednn_linear(a, b.T)
     return a @ b
 
@@ -103,9 +100,9 @@ class _Linear(torch.autograd.Function):
         return gx, gw
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, backend: str) -> torch.Tensor:
-    """``F.linear(x, w)`` (no bias), through oneDNN forward and backward where ``backend`` is "onednn"
-    and the operands fit (``_fits``), else ``F.linear`` itself."""
-    if backend == "onednn" and _fits(x, w):
+def linear(x: torch.Tensor, w: torch.Tensor, library: str) -> torch.Tensor:
+    """``F.linear(x, w)`` (no bias), through oneDNN forward and backward where ``library`` is "onednn"
+    and the operands fit (``onednn_takes``), else ``F.linear`` itself."""
+    if library == "onednn" and onednn_takes(x, w):
         return _Linear.apply(x, w)
     return torch.nn.functional.linear(x, w)
