@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
+from bench import gemm
 from bench.config import DEFAULT_HEAD_CHUNK, RunConfig, from_dict, from_stored, upgrade_stored
 from bench.head import P_TARGET_FLOOR, chunked_head
 from bench.train_module import SingleModule
@@ -78,8 +79,9 @@ def test_every_committed_result_is_pinned_by_its_sweep_file_to_the_kernels_it_wa
                 continue  # results of a command, not of a sweep file (e.g. precision-tax)
             stored = from_stored(json.loads(config))
             rerun = from_dict({**RunConfig().to_dict(), **sweeps[name]})
-            assert (rerun.adamw, rerun.head_chunk, rerun.cpu_gemm) == (stored.adamw, stored.head_chunk,
-                                                                      stored.cpu_gemm), \
+            # cpu_gemm as it resolves: a record stores the library that multiplied, a sweep file may say "auto"
+            assert (rerun.adamw, rerun.head_chunk, gemm.for_run(rerun)) == (stored.adamw, stored.head_chunk,
+                                                                           gemm.for_run(stored)), \
                 f"sweeps for {name} must set adamw = {stored.adamw!r}, head_chunk = {stored.head_chunk} and " \
                 f"cpu_gemm = {stored.cpu_gemm!r}"
             checked += 1
