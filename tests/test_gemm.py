@@ -21,6 +21,15 @@ needs_onednn = pytest.mark.skipif(not gemm.onednn_available(),
                                          "built without oneDNN); the 'aten' library is then the only one")
 
 
+@pytest.fixture
+def onednn_calls(monkeypatch) -> list[tuple[int, ...]]:
+    """The shapes of the first operand of every oneDNN product while the test runs."""
+    calls: list[tuple[int, ...]] = []
+    real = gemm._onednn_linear
+    monkeypatch.setattr(gemm, "_onednn_linear", lambda x, w: calls.append(tuple(x.shape)) or real(x, w))
+    return calls
+
+
 def _fp64_linear(x, w, g):
     """F.linear(x, w) and its gradients for incoming gradient g, in float64 (the reference)."""
     x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
@@ -108,10 +117,8 @@ def test_the_chunked_head_in_onednn_equals_the_head_in_aten_up_to_rounding(preci
 
 
 @needs_onednn
-def test_a_run_multiplies_in_the_library_its_config_names(monkeypatch):
-    calls = []
-    real = gemm._onednn_linear
-    monkeypatch.setattr(gemm, "_onednn_linear", lambda x, w: calls.append(tuple(x.shape)) or real(x, w))
+def test_a_run_multiplies_in_the_library_its_config_names(onednn_calls):
+    calls = onednn_calls
     x = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
     losses, weights = {}, {}
     for library in ("aten", "onednn", "auto"):
@@ -153,12 +160,10 @@ def test_asking_for_onednn_where_it_is_missing_fails_before_training(monkeypatch
 
 
 @needs_onednn
-def test_a_packs_loss_head_multiplies_in_the_library_its_members_name(monkeypatch):
+def test_a_packs_loss_head_multiplies_in_the_library_its_members_name(onednn_calls):
     from bench.pack.module import PackModule
 
-    calls = []
-    real = gemm._onednn_linear
-    monkeypatch.setattr(gemm, "_onednn_linear", lambda x, w: calls.append(tuple(x.shape)) or real(x, w))
+    calls = onednn_calls
     x = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
     for library in ("aten", "onednn"):
         calls.clear()
