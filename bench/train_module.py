@@ -160,7 +160,7 @@ def chunked_loss(stab: Stabilizer, hidden: torch.Tensor, E: torch.Tensor, y: tor
     and token loss run inside the head, a ``loss_term`` that reads only h and E is added after it. Used by
     a single run and, member by member, by a pack (``bench.pack.step``). A ``loss_term`` of E alone with a
     ``loss_term_with_grad`` runs inside the head too, without autograd (``term_with_grad``). gemm: the
-    library of the head's products ("aten", "onednn": ``bench.gemm``; a single run's model's, a pack's "aten")."""
+    library of the head's products ("aten", "onednn": ``bench.gemm``; a single run's model's, a pack's members')."""
     cls = type(stab)
     transform = stab.transform_logits if cls.has_hook("transform_logits") else None
     tok = stab.token_loss if cls.has_hook("token_loss") else None

@@ -55,13 +55,14 @@ class PackModule:
             models.append(GPT(mcfg).to(self.device, dtype))
         self.e_name = output_embedding_name(mcfg)
         self.store = FlatParams.from_models(models, first=self.e_name)
-        self.scratch = models[0].use_gemm(gemm.for_run(c0))  # evaluation model: one member's parameters at a time
+        library = gemm.for_run(c0)  # of the head's products and the evaluation model's (bench.gemm)
+        self.scratch = models[0].use_gemm(library)  # evaluation model: one member's parameters at a time
         del models
         self.stab = PackedStabilizer(c0.stabilizer, [c.hparams for c in cfgs], dtype, self.device)
         features = torch.compile(packed_features) if c0.compile else packed_features
         self.grads_of = PackStep(mcfg, self.store, self.stab, self.e_name, self.autocast,
                                  self.scratch.rope_cos, self.scratch.rope_sin, features,
-                                 precision=self.precision, chunk=c0.head_chunk, gemm=gemm.for_run(c0))
+                                 precision=self.precision, chunk=c0.head_chunk, gemm=library)
         self.opt = PackedAdamW(self.store, betas=[(c.beta1, c.beta2) for c in cfgs], eps=[c.eps for c in cfgs],
                                weight_decay=[c.weight_decay for c in cfgs], grad_clip=[c.grad_clip for c in cfgs])
         self.n_micro = c0.batch_size // (c0.micro_batch_size or c0.batch_size)
