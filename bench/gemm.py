@@ -66,9 +66,31 @@ def onednn_takes(*ts: torch.Tensor) -> bool:
             and not torch.is_autocast_enabled("cpu"))
 
 
-def _onednn_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x·wᵀ in oneDNN: x (..., in), w (out, in), either may be a strided view."""
-    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+def _onednn_linear(x: torch.Tensor, w: torch.Tensor, post: str = "none") -> torch.Tensor:
+    """x·wᵀ in oneDNN: x (..., in), w (out, in), either may be a strided view; ``post`` an elementwise
+    function its epilogue applies to the result ("none", "sigmoid")."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, post, [], "")
+
+
+@functools.cache
+def sigmoid_epilogue_available() -> bool:
+    """Whether oneDNN here applies a sigmoid to its product's result as it writes it (``sigmoid_mm``): the
+    op takes the "sigmoid" post-op and a small product through it equals σ of ATen's within fp32 rounding."""
+    if not onednn_available():
+        return False
+    a, w = torch.randn(8, 16, dtype=torch.float64), torch.randn(4, 16, dtype=torch.float64)
+    try:
+        got = torch.ops.mkldnn._linear_pointwise(a.float(), w.float(), None, "sigmoid", [], "").double()
+    except RuntimeError:
+        return False
+    return bool(torch.allclose(got, torch.sigmoid(a @ w.T), rtol=1e-5, atol=1e-6))
+
+
+def sigmoid_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """σ(a·b), a (m, k), b (k, n), fp32 CPU tensors that oneDNN takes (``onednn_takes``), in one oneDNN matmul
+    whose epilogue applies the sigmoid as it writes the (m, n) result: no pass of its own over it (the
+    loss head's soft-capping, ``bench.head``). Callers check ``sigmoid_epilogue_available`` first."""
+    return _onednn_linear(a, b.T, "sigmoid")
 
 
 def mm(a: torch.Tensor, b: torch.Tensor, library: str) -> torch.Tensor:

@@ -13,7 +13,11 @@ three GEMMs as the unchunked head. The gradients are formed in the forward pass 
 last node of the graph; backward only scales them by the incoming scalar), as in Liger-Kernel's
 fused linear cross-entropy. In fp32 and fp64 on CPU the gradient's per-token scaling and its one-hot term
 go to the GEMMs' (n × H) sides (``FoldedGrad``): the softmax is the only pass over a chunk's logits
-that the gradient adds (a transform's slope adds one multiplication).
+that the gradient adds (a transform's slope adds one multiplication). Soft-capping with its cap
+(``Stabilizer.logit_cap``), where the products are oneDNN's, is fused further (``_capped_chunk``): the
+logit GEMM's epilogue writes σ(2l/c), c·tanh(l/c) = 2c·σ − c is one pass and the slope 4σ(1 − σ) one more,
+against the seven passes of the transform's own ``transform_logits_with_slope`` (which ATen's products keep:
+the bits of the committed results).
 
 Precision: the head runs outside the model's autocast / emulation context and applies the run's
 precision to its own GEMMs, as autocast or ``bench.precision.BF16Rounding`` would to the
@@ -31,7 +35,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from .config import DEFAULT_HEAD_CHUNK
-from .gemm import mm
+from .gemm import mm, onednn_takes, sigmoid_epilogue_available, sigmoid_mm
 from .precision import bf16_round
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -130,7 +134,7 @@ class _ChunkedHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, E, y, chunk: int, transform, token_loss, precision: str, want_grad: bool, want_stats: bool,
                 fused: "FusedKernels | None" = None, with_slope: "SlopeTransform | None" = None,
-                e_term: "EmbeddingTerm | None" = None, lib: str = "aten"):
+                e_term: "EmbeddingTerm | None" = None, lib: str = "aten", cap: float | None = None):
         N = h.shape[0]
         hc, Ec = _gemm_operands(precision, h.detach(), E.detach())
         acc = torch.float64 if E.dtype == torch.float64 else torch.float32
@@ -146,17 +150,25 @@ class _ChunkedHead(torch.autograd.Function):
         # the folded gradient (FoldedGrad): fp32/fp64 on CPU. bf16 modes round the explicit logit gradient, as
         # autocast would; on CUDA its index_add would be atomic (duplicate targets: run-to-run rounding noise)
         fold = precision in ("fp32", "fp64") and h.device.type == "cpu"
+        # soft-capping by its cap (``Stabilizer.logit_cap``) where oneDNN multiplies: σ(2l/c) from the GEMM's epilogue
+        capped = (cap is not None and fold and lib == "onednn" and onednn_takes(hc, Ec)
+                  and sigmoid_epilogue_available())
+        h_capped = hc * (2 / cap) if capped else None  # (N, H): the epilogue's sigmoid takes 2l/c
         for start in range(0, N, chunk):
             sl = slice(start, min(start + chunk, N))
-            raw = _out(precision, mm(hc[sl], Ec.T, lib))  # (n, V) logits of this chunk, in the GEMM's dtype
-            done = None
-            if fused is not None and not fused.failed and acc == torch.float32:
+            if capped:
+                done = _capped_chunk(sigmoid_mm(h_capped[sl], Ec.T), y[sl], cap, token_loss, N, want_grad, want_stats)
+                raw = None
+            else:
+                raw = _out(precision, mm(hc[sl], Ec.T, lib))  # (n, V) logits of this chunk, in the GEMM's dtype
+                done = None
+            if fused is not None and not capped and not fused.failed and acc == torch.float32:
                 # the gradient in the dtype its GEMMs read (bf16 in bf16 runs), written so by the kernel
                 g_dtype = hc.dtype if precision == "bf16" else acc
                 done = fused.run(_fused_chunk, fused, raw, y[sl], token_loss, N, want_grad, g_dtype)
             if done is None:
                 done = _eager_chunk(raw.to(acc), y[sl], transform, with_slope, token_loss, N, want_grad, want_stats,
-                                    fold)
+                                    fold, raw_rows=lambda rows, sl=sl: mm(hc[sl][rows], Ec.T, lib).to(acc))
             lse, ce_c, pen_c, st, g = done
             del raw, done
             ce_sum += ce_c
@@ -201,7 +213,7 @@ class _ChunkedHead(torch.autograd.Function):
         torch.mul(grad_Et.T, g_total, out=grad_E)
         if ctx.term_grad is not None:  # the E term's gradient, (1, H) or (V, H), scaled as the head's
             grad_E.add_(ctx.term_grad * g_total)
-        return g_total * grad_h, grad_E, None, None, None, None, None, None, None, None, None, None, None
+        return g_total * grad_h, grad_E, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 class FoldedGrad(NamedTuple):
@@ -258,32 +270,36 @@ P_TARGET_FLOOR = 1e-30
 to fp32's subnormals and 0; such tokens take log Z from ``logsumexp`` instead."""
 
 
-def _ce_and_lse(lt: torch.Tensor, p: torch.Tensor, yc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy −log p[y] and log Z = l[y] + ce per token, (n,) each, from logits lt (n, V), their
-    softmax p (n, V) and targets yc (n, 1). A token whose p[y] is below ``P_TARGET_FLOOR`` (a diverging
-    run's) gets log Z by ``logsumexp`` over its row, so neither is ever inf from an underflow.
+def _ce_and_lse(p: torch.Tensor, yc: torch.Tensor, lt_y: torch.Tensor,
+                logits_of_rows: Callable[[torch.Tensor | slice], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy −log p[y] and log Z = l[y] + ce per token, (n,) each, from the softmax p (n, V) of the
+    logits, the targets yc (n, 1) and their logits lt_y (n,). A token whose p[y] is below ``P_TARGET_FLOOR``
+    (a diverging run's) gets log Z by ``logsumexp`` over its row of logits, ``logits_of_rows(rows)`` (k, V),
+    so neither is ever inf from an underflow.
 
-    On CPU only those rows are recomputed (a CPU has no queue to stall); elsewhere every row's
+    On CPU only those rows are formed (a CPU has no queue to stall); elsewhere every row's
     ``logsumexp`` is formed and selected, which keeps the device free of host syncs and costs the
     two passes that a log-softmax formulation would have spent anyway."""
-    lt_y = lt.gather(1, yc).squeeze(1)
     p_y = p.gather(1, yc).squeeze(1)
     tiny = p_y < P_TARGET_FLOOR
     ce = p_y.log().neg_()
-    if lt.device.type != "cpu":
-        ce = torch.where(tiny, torch.logsumexp(lt, dim=-1) - lt_y, ce)
+    if p.device.type != "cpu":
+        ce = torch.where(tiny, torch.logsumexp(logits_of_rows(slice(None)), dim=-1) - lt_y, ce)
     elif bool(tiny.any()):  # rare
         rows = tiny.nonzero().squeeze(1)
-        ce[rows] = torch.logsumexp(lt[rows], dim=-1) - lt_y[rows]
+        ce[rows] = torch.logsumexp(logits_of_rows(rows), dim=-1) - lt_y[rows]
     return ce, lt_y + ce
 
 
 def _eager_chunk(raw, y, transform, with_slope, token_loss, N: int, want_grad: bool, want_stats: bool,
-                 fold: bool = False):
+                 fold: bool = False, raw_rows: Callable[[torch.Tensor], torch.Tensor] | None = None):
     """One chunk of raw logits (n, V) in plain tensor ops: (lse (n,), Σ ce, Σ penalty, stats (3,) or
     None, ∂loss/∂raw (n, V) or None). The transform goes through its slope when ``with_slope`` is
     given, else through autograd. With ``fold`` (and no transform, or one with a slope) the gradient
-    comes as a ``FoldedGrad``: its scaling and one-hot term are left to the GEMMs' small sides."""
+    comes as a ``FoldedGrad``: its scaling and one-hot term are left to the GEMMs' small sides. Without a
+    transform, given ``raw_rows`` (rows -> those rows of raw formed again, (k, V)) and ``fold``, the softmax
+    overwrites raw (the caller's own buffer) in place: the same bits, ~0.2 ms faster per 256 × 8192 logits
+    than into a fresh buffer on a 2-core EPYC; a rare row whose logits are needed again is formed again."""
     yc = y.unsqueeze(1)
     dlt = None  # f′(raw), when the transform gives its slope
     if with_slope is not None:  # f(raw) and f′(raw) in plain tensor ops: no autograd graph
@@ -296,24 +312,19 @@ def _eager_chunk(raw, y, transform, with_slope, token_loss, N: int, want_grad: b
         lt = raw
     lt_ = lt.detach()
     st = logit_stats(lt_) if want_stats else None
-    p = torch.softmax(lt_, dim=-1)  # (n, V): one exp pass, and the gradient's buffer
-    ce, lse = _ce_and_lse(lt_, p, yc)
+    lt_y = lt_.gather(1, yc).squeeze(1)
+    if fold and transform is None and raw_rows is not None:  # (n, V): one exp pass, into raw's buffer
+        p, logits_of_rows = torch._softmax(lt_, -1, False, out=lt_), raw_rows
+    else:  # (n, V): one exp pass, and the gradient's buffer
+        p, logits_of_rows = torch.softmax(lt_, dim=-1), (lambda rows: lt_[rows])
+    ce, lse = _ce_and_lse(p, yc, lt_y, logits_of_rows)
     pen_sum, slope = _penalty(token_loss, lse, want_grad)  # slope: ∂penalty/∂lse per token
     if not want_grad:
         return lse, ce.sum(), pen_sum, st, None
     if fold and (dlt is not None or transform is None):
         at_target = dlt.gather(1, yc) if dlt is not None else torch.ones_like(yc, dtype=p.dtype)  # f′ at y, (n, 1)
         q = p.mul_(dlt) if dlt is not None else p
-        if slope is None:  # every row scaled by 1/N
-            row, joins = 1.0 / N, True
-        else:  # row i of the gradient is a_i/N · (q_i − f′_i/a_i · onehot(y_i)), a = 1 + ∂pen/∂lse
-            a = 1 + slope
-            row, joins = a / N, bool((a.isfinite() & (a != 0)).all())
-            if joins:
-                at_target.div_(a.unsqueeze(1))
-        if joins:  # the one-hot term joins q (n entries)
-            return lse, ce.sum(), pen_sum, st, FoldedGrad(q.scatter_add_(1, yc, at_target.neg_()), row, None)
-        return lse, ce.sum(), pen_sum, st, FoldedGrad(q, row, at_target.squeeze(1) / N)
+        return lse, ce.sum(), pen_sum, st, _folded(q, at_target, slope, yc, N)
     # ∂(ce + penalty)/∂l = softmax(l)·(1 + ∂pen/∂lse) − onehot(y); the mean over N tokens: / N
     g = p
     g.mul_(((1 + slope) / N).unsqueeze(1) if slope is not None else 1.0 / N)
@@ -323,6 +334,47 @@ def _eager_chunk(raw, y, transform, with_slope, token_loss, N: int, want_grad: b
     elif transform is not None:
         (g,) = torch.autograd.grad(lt, raw, g)  # through the elementwise transform
     return lse, ce.sum(), pen_sum, st, g
+
+
+def _folded(q: torch.Tensor, at_target: torch.Tensor, slope: torch.Tensor | None, yc: torch.Tensor, N: int,
+            scale: float = 1.0) -> FoldedGrad:
+    """A chunk's gradient as a ``FoldedGrad`` from q = softmax(l)·f′(raw)/scale (n, V; written in place),
+    f′ at the targets /scale, at_target (n, 1; written in place), the targets yc (n, 1) and ∂pen/∂lse per token
+    (n,) or None: the gradient is scale·(q − at_target·onehot(y))/N per row, times 1 + ∂pen/∂lse."""
+    if slope is None:  # every row scaled by scale/N
+        row, joins = scale / N, True
+    else:  # row i of the gradient is scale·a_i/N · (q_i − f′_i/(scale·a_i) · onehot(y_i)), a = 1 + ∂pen/∂lse
+        a = 1 + slope
+        row, joins = a * scale / N, bool((a.isfinite() & (a != 0)).all())
+        if joins:
+            at_target.div_(a.unsqueeze(1))
+    if joins:  # the one-hot term joins q (n entries)
+        return FoldedGrad(q.scatter_add_(1, yc, at_target.neg_()), row, None)
+    return FoldedGrad(q, row, at_target.squeeze(1) * scale / N)
+
+
+def _capped_chunk(s: torch.Tensor, y: torch.Tensor, cap: float, token_loss, N: int, want_grad: bool,
+                  want_stats: bool):
+    """One chunk soft-capped at ``cap`` from s = σ(2·raw/c) (n, V), fp32, as ``sigmoid_mm`` writes it: the
+    ``_eager_chunk`` of the transform c·tanh(raw/c) = 2c·s − c, whose slope 1 − tanh² = 4s(1 − s) reaches the
+    softmax's buffer by one ``sigmoid_backward`` pass (p·s(1 − s)) and the factor 4 the GEMMs' small sides
+    (``FoldedGrad.row``). Two passes over the logits beyond an uncapped chunk's (the transform, the slope),
+    where the transform's own hooks take seven; the same values up to rounding (tests/test_gemm.py). The
+    softmax overwrites the capped logits in place: a row they are needed again for (a target probability
+    below ``P_TARGET_FLOOR``) is formed again from s."""
+    yc = y.unsqueeze(1)
+    neg_cap = s.new_full((), -cap)
+    lt = torch.add(neg_cap, s, alpha=2 * cap)  # c·tanh(raw/c), one pass
+    st = logit_stats(lt) if want_stats else None
+    lt_y = lt.gather(1, yc).squeeze(1)
+    p = torch._softmax(lt, -1, False, out=lt)  # in lt's own buffer (the same bits; a fresh one is slower)
+    ce, lse = _ce_and_lse(p, yc, lt_y, lambda rows: torch.add(neg_cap, s[rows], alpha=2 * cap))
+    pen_sum, slope = _penalty(token_loss, lse, want_grad)
+    if not want_grad:
+        return lse, ce.sum(), pen_sum, st, None
+    s_y = s.gather(1, yc)
+    q = torch.ops.aten.sigmoid_backward.grad_input(p, s, grad_input=p)  # p·s(1 − s) = p·f′/4, in place
+    return lse, ce.sum(), pen_sum, st, _folded(q, s_y * (1 - s_y), slope, yc, N, scale=4.0)
 
 
 def _fused_chunk(fused: FusedKernels, raw, y, token_loss, N: int, want_grad: bool, g_dtype: torch.dtype):
@@ -342,7 +394,8 @@ def chunked_head(h: torch.Tensor, E: torch.Tensor, y: torch.Tensor, *, chunk: in
                  transform: Transform | None = None, token_loss: TokenLoss | None = None,
                  precision: str = "fp32", stats: bool = True, fused: FusedKernels | None = None,
                  transform_with_slope: SlopeTransform | None = None, loss_term_with_grad: EmbeddingTerm | None = None,
-                 gemm: str = "aten") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 gemm: str = "aten", cap: float | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The chunked loss head of N = B·T tokens.
 
     h: (..., H) final hidden states; E: (V, H) output embedding; y: (...,) int64 targets;
@@ -365,6 +418,9 @@ def chunked_head(h: torch.Tensor, E: torch.Tensor, y: torch.Tensor, *, chunk: in
     to E's in backward (a stabilizer's ``loss_term_with_grad``, called once per call of the head).
     gemm: the library of the head's fp32 products on CPU, "aten" or "onednn" (``bench.gemm``; same sums up
     to their order).
+    cap: c when ``transform`` is soft-capping, c·tanh(l/c) (``Stabilizer.logit_cap``): where the head
+    multiplies in oneDNN (fp32 on CPU) it takes σ(2l/c) from the logit GEMM's epilogue and the slope by one
+    pass (``_capped_chunk``) instead of calling ``transform_with_slope``; elsewhere it is not read.
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1 tokens, got {chunk}")
@@ -372,5 +428,5 @@ def chunked_head(h: torch.Tensor, E: torch.Tensor, y: torch.Tensor, *, chunk: in
     want = torch.is_grad_enabled() and (h.requires_grad or E.requires_grad)
     total, ce, pen, lse, st = _ChunkedHead.apply(h.reshape(-1, h.shape[-1]), E, y.reshape(-1), chunk,
                                                     transform, token_loss, precision, want, stats, fused,
-                                                    transform_with_slope, loss_term_with_grad, gemm)
+                                                    transform_with_slope, loss_term_with_grad, gemm, cap)
     return total, ce.detach(), pen.detach(), lse.reshape(shape), st

@@ -296,7 +296,8 @@ def stabilizer_overhead(base: RunConfig, data, rounds: int, steps: int, warmup_s
         hook = statistics.median(hooks[name])
         rows.append({"preset": base.model, "stabilizer": name, "step_time_s": med[name], "round_ratios": ratios[name],
                      "overhead": statistics.median(ratios[name]) - 1,
-                     "hook_s": hook, "hook_round_s": hooks[name], "hook_overhead": hook / med["baseline"]})
+                     "hook_s": hook, "hook_round_s": hooks[name], "hook_overhead": hook / med["baseline"],
+                     "hook_in_head": head_cap(timers[name].s) is not None})
     floor = statistics.median(floors)
     rows[list(timers).index("softcap")].update(floor_s=floor, floor_round_s=floors,
                                                floor_overhead=floor / med["baseline"])
@@ -312,7 +313,9 @@ def hook_time(s, y: torch.Tensor, reps: int = 20) -> float:
     tensors, E's added to a gradient already there, as the head's is in training; where the chunked head runs
     it through ``loss_term_with_grad``: that hook and the addition of its gradient, scaled, to E's) and the
     run's ``AfterStep`` (built once, as the trainer builds it) on the model. Hooks a stabilizer does not
-    override cost 0, as in the trainer."""
+    override cost 0, as in the trainer. Where the head takes the transform into its logit GEMM
+    (``logit_cap`` under oneDNN: no pass of the transform's own to time), the transform's share is what it
+    adds to the head (``capped_head_time``)."""
     from .stabilizers import LossInputs
     from .train_module import AfterStep, term_with_grad, transform_with_slope, uses_chunked_head
 
@@ -328,7 +331,11 @@ def hook_time(s, y: torch.Tensor, reps: int = 20) -> float:
     E = model.output_embedding.detach().clone().requires_grad_()
     E.grad = torch.zeros_like(E)  # the head's ∂E, there before the term's, as in training: the term's is added to it
     chunked = uses_chunked_head(stab, s.chunk)
-    with_slope = transform_with_slope(stab) if chunked else None
+    cap = head_cap(s)
+    in_head = capped_head_time(s, y, cap, reps) if cap is not None else 0.0
+    if cap is not None:
+        has["transform_logits"] = False  # timed inside the head just now
+    with_slope = transform_with_slope(stab) if chunked and cap is None else None
     e_term = term_with_grad(stab) if chunked else None
     one = torch.ones((), device=dev)  # the head's incoming gradient
     g_out = torch.empty_like(g) if with_slope is not None else None
@@ -357,7 +364,46 @@ def hook_time(s, y: torch.Tensor, reps: int = 20) -> float:
     def drop_grads() -> None:
         logits.grad = lse.grad = hidden.grad = None
 
-    return median_seconds(hooks, dev, reps, after=drop_grads)
+    if not any(has.values()):
+        return in_head
+    return in_head + median_seconds(hooks, dev, reps, after=drop_grads)
+
+
+def head_cap(s) -> float | None:
+    """The cap module ``s``'s chunked head takes into its logit GEMM (``logit_cap``, fp32 products in
+    oneDNN: ``bench.head``), or None where its transform, if any, runs through its own hooks."""
+    from .train_module import logit_cap, uses_chunked_head
+
+    lib = getattr(s.model, "gemm_library", "aten")
+    if not (uses_chunked_head(s.stab, s.chunk) and lib == "onednn" and s.precision == "fp32"):
+        return None
+    return logit_cap(s.stab)
+
+
+def capped_head_time(s, y: torch.Tensor, cap: float, reps: int = 20) -> float:
+    """Seconds that soft-capping at ``cap`` adds to the chunked head of module ``s`` (its width, vocabulary,
+    chunk and library) for targets y (B, T), forward + backward: the median of the head with the cap
+    (``bench.head``'s capped chunks) minus the median of the head without a transform, on the same inputs."""
+    from .head import chunked_head
+
+    model, dev = s.model, s.device
+    n = y.numel()
+    h = torch.randn(n, model.cfg.n_embd, device=dev, requires_grad=True)
+    E = model.output_embedding.detach().clone().requires_grad_()
+    yf = y.reshape(-1)
+    lib = getattr(model, "gemm_library", "aten")
+
+    def head(capped: bool):
+        def run() -> None:
+            kw = {"transform": s.stab.transform_logits, "cap": cap} if capped else {}
+            chunked_head(h, E, yf, chunk=s.chunk, stats=False, gemm=lib, **kw)[0].backward()
+        return run
+
+    def drop_grads() -> None:
+        h.grad = E.grad = None
+
+    return (median_seconds(head(True), dev, reps, after=drop_grads)
+            - median_seconds(head(False), dev, reps, after=drop_grads))
 
 
 def softmax_floor(cfg: RunConfig, device: torch.device, reps: int = 20) -> float:
@@ -369,9 +415,10 @@ def softmax_floor(cfg: RunConfig, device: torch.device, reps: int = 20) -> float
 
 
 def softcap_floor(cfg: RunConfig, device: torch.device, reps: int = 20) -> float:
-    """Seconds of the least work any soft-capping adds to a step: one transcendental pass forward
-    (ATen's sigmoid, its cheapest on CPU) and one fused pass backward (tanh_backward) over the
-    (batch·seq, V) float32 logits, each into a fresh buffer as autograd does, median of ``reps``."""
+    """Seconds of the least work soft-capping adds to a step as separate passes: one transcendental pass
+    forward (ATen's sigmoid, its cheapest on CPU) and one fused pass backward (tanh_backward) over the
+    (batch·seq, V) float32 logits, each into a fresh buffer as autograd does, median of ``reps``. A head
+    that takes the sigmoid into its GEMM and writes in place (``bench.head``'s capped chunks) can go below it."""
     x = torch.randn(cfg.batch_size * cfg.seq_len, cfg.vocab_size, device=device)
     g = torch.randn_like(x)
     return median_seconds(lambda: torch.ops.aten.tanh_backward(g, torch.sigmoid(x)), device, reps)
@@ -611,10 +658,16 @@ def format_markdown(result: dict[str, Any]) -> str:
             out.append(f"| {label} | " + " | ".join(
                 f"{cell[p, name]['step_time_s'] * 1e3:.1f} | {cell[p, name]['overhead']:+.1%} | "
                 f"{cell[p, name].get('hook_overhead', float('nan')):+.1%}" for p in over) + " |")
+        in_head = sorted({f"`{r['stabilizer']}`" for r in result["overhead"] if r.get("hook_in_head")})
+        if in_head:
+            out += ["", f"Hooks alone of {', '.join(in_head)}: the head takes its cap into the logit GEMM's epilogue "
+                        "(`logit_cap`, oneDNN's products), so they are what it adds to the chunked head, forward + "
+                        "backward: the head with it minus the head without, each the median of its repetitions."]
         floors = [cell[p, "softcap"] for p in over if "floor_s" in cell.get((p, "softcap"), {})]
         if floors:
-            out += ["", "Floor of any soft-capping (one sigmoid pass forward, one tanh-backward pass backward over "
-                        f"the {st['batch_size'] * st['seq_len']} × {st['vocab_size']} logits, timed alone): "
+            out += ["", "Floor of soft-capping in separate passes (one sigmoid pass forward, one tanh-backward pass "
+                        f"backward over the {st['batch_size'] * st['seq_len']} × {st['vocab_size']} logits, each into "
+                        "a fresh buffer, timed alone): "
                     + ", ".join(f"{r['floor_s'] * 1e3:.1f} ms = {r['floor_overhead']:+.1%} of a `{r['preset']}` "
                                 "baseline step" for r in floors) + "."]
     if result["layouts"]:

@@ -25,8 +25,8 @@ from .head import FusedKernels, SlopeTransform, chunked_head, logit_stats
 from .model import GPT
 from .precision import param_dtype, precision_context, resolve_precision
 from .stabilizers import LossInputs, Stabilizer, make_stabilizer
-from .stabilizers.apply import (apply_after_step as apply_hook, check_tensor, embedding_term, hooked_cross_entropy,
-                                label)
+from .stabilizers.apply import (apply_after_step as apply_hook, check_tensor, checked_cap, embedding_term,
+                                hooked_cross_entropy, label)
 
 
 def resolve_device(cfg: RunConfig) -> torch.device:
@@ -108,6 +108,14 @@ def transform_with_slope(stab: Stabilizer) -> SlopeTransform | None:
     return stab.transform_logits_with_slope if ok else None
 
 
+def logit_cap(stab: Stabilizer) -> float | None:
+    """``stab.logit_cap()``, checked (``apply.checked_cap``), where it transforms the logits and gives that
+    hook, else None: the cap the chunked head may take into its logit GEMM's epilogue (``bench.head``)."""
+    cls = type(stab)
+    ok = cls.has_hook("transform_logits") and cls.has_hook("logit_cap")
+    return checked_cap(label(cls), stab.logit_cap()) if ok else None
+
+
 def term_with_grad(stab: Stabilizer):
     """``stab.loss_term_with_grad``, structurally checked on every call (``apply.embedding_term``), where its
     ``loss_term`` reads only E and it gives that hook, else None: what the chunked head runs without autograd."""
@@ -168,7 +176,7 @@ def chunked_loss(stab: Stabilizer, hidden: torch.Tensor, E: torch.Tensor, y: tor
     total, ce, pen, lse, st = chunked_head(hidden, E, y, chunk=chunk, transform=transform, token_loss=tok,
                                            precision=precision, stats=stats, fused=fused,
                                            transform_with_slope=transform_with_slope(stab), loss_term_with_grad=e_term,
-                                           gemm=gemm)
+                                           gemm=gemm, cap=logit_cap(stab) if gemm == "onednn" else None)
     reg = pen
     if cls.has_hook("loss_term") and e_term is None:
         extra = stab.loss_term(LossInputs(None, None, hidden, E))

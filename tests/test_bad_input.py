@@ -265,6 +265,21 @@ def _muloss_with_grad(grad: str, uses: str = '{"output_embedding"}') -> str:
         """
 
 
+def _softcap_with_cap(cap: str, transform: bool = True) -> str:
+    """A soft-capping plug-in, 30·tanh(l/30), whose ``logit_cap`` returns ``cap`` (without the transform when
+    ``transform`` is False)."""
+    body = "            def transform_logits(self, logits):\n                return 30.0 * torch.tanh(logits / 30.0)\n"
+    return f"""
+        import torch
+
+        @dataclass(frozen=True)
+        class P(Stabilizer):
+{body if transform else ""}
+            def logit_cap(self):
+                return {cap}
+        """
+
+
 PLUGINS = {
     "import error": ("import no_such_module_for_stabench\n", "ModuleNotFoundError"),
     "syntax error": ("def broken(:\n", "SyntaxError"),
@@ -335,6 +350,9 @@ PLUGINS = {
             def loss_term_with_grad(self, E):
                 return E.mean(0).square().sum(), 2 * E.mean(0) / E.shape[0]
         """, "loss_term_with_grad needs beside it a loss_term"),
+    "logit_cap that disagrees": (_softcap_with_cap("60.0"), "logit_cap 60 disagrees with transform_logits"),
+    "logit_cap as a tensor": (_softcap_with_cap("torch.tensor(30.0)"), "logit_cap must return the cap c"),
+    "logit_cap alone": (_softcap_with_cap("30.0", transform=False), "logit_cap needs transform_logits beside it"),
     "in-place edit of logits": ("""
         @dataclass(frozen=True)
         class P(Stabilizer):
@@ -379,6 +397,20 @@ def test_a_plug_in_whose_loss_term_with_grad_agrees_passes_the_preflight(tmp_pat
                       + textwrap.dedent(_muloss_with_grad("2 * mu / V")))
     spec = f"{plugin}:P"
     preflight(spec, make_stabilizer(spec), preset("nano", vocab_size=97, seq_len=8, weight_tying=True))
+    assert main([*RUN, "--data", "synthetic:tokens=5000", "--stabilizer", spec, "--out", str(tmp_path / "o")]) == 0
+
+
+def test_a_plug_in_whose_logit_cap_agrees_passes_the_preflight_and_trains(tmp_path):
+    """The soft-capping plug-in of the faulty cases with its true cap 30 (and an int 30, a number too)."""
+    from bench.model import preset
+    from bench.stabilizers import make_stabilizer
+    from bench.stabilizers.preflight import preflight
+    for cap in ("30.0", "30"):
+        plugin = tmp_path / f"good{cap.replace('.', '_')}.py"
+        plugin.write_text("from dataclasses import dataclass\nfrom bench.stabilizers import Stabilizer\n"
+                          + textwrap.dedent(_softcap_with_cap(cap)))
+        spec = f"{plugin}:P"
+        preflight(spec, make_stabilizer(spec), preset("nano", vocab_size=97, seq_len=8, weight_tying=True))
     assert main([*RUN, "--data", "synthetic:tokens=5000", "--stabilizer", spec, "--out", str(tmp_path / "o")]) == 0
 
 

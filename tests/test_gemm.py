@@ -4,6 +4,8 @@ deterministic; products it does not take (fp64, autocast, bf16 emulation) stay A
 a run uses the library its config names, which records from before the setting read as ATen's."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,7 @@ from bench import gemm
 from bench.config import ConfigError, RunConfig, from_stored
 from bench.head import chunked_head
 from bench.precision import BF16Rounding
+from bench.stabilizers import make_stabilizer
 from bench.train_module import SingleModule
 
 from helpers import tiny_config
@@ -23,10 +26,16 @@ needs_onednn = pytest.mark.skipif(not gemm.onednn_available(),
 
 @pytest.fixture
 def onednn_calls(monkeypatch) -> list[tuple[int, ...]]:
-    """The shapes of the first operand of every oneDNN product while the test runs."""
-    calls: list[tuple[int, ...]] = []
+    """The shapes of the first operand of every oneDNN product while the test runs, followed by the name of
+    its epilogue's function where it has one: (64, 32) a plain product, (64, 32, "sigmoid") one through σ."""
+    calls: list[tuple] = []
     real = gemm._onednn_linear
-    monkeypatch.setattr(gemm, "_onednn_linear", lambda x, w: calls.append(tuple(x.shape)) or real(x, w))
+
+    def spy(x, w, post="none"):
+        calls.append(tuple(x.shape) + (() if post == "none" else (post,)))
+        return real(x, w, post)
+
+    monkeypatch.setattr(gemm, "_onednn_linear", spy)
     return calls
 
 
@@ -96,7 +105,6 @@ def test_products_oneDNN_does_not_take_are_atens_bit_for_bit(case):
 @pytest.mark.parametrize("precision, stabilizer", [("fp32", "softcap"), ("fp32", "zloss"), ("bf16-emu", "baseline")],
                          ids=["fp32-softcap-folded", "fp32-zloss-folded", "bf16-emu-explicit-gradient"])
 def test_the_chunked_head_in_onednn_equals_the_head_in_aten_up_to_rounding(precision, stabilizer):
-    from bench.stabilizers import make_stabilizer
     from bench.train_module import term_with_grad, transform_with_slope
 
     stab = make_stabilizer(stabilizer, **({"cap": 5.0} if stabilizer == "softcap" else {}))
@@ -184,3 +192,86 @@ def test_a_runs_record_names_the_library_that_multiplied():
     stored = json.loads(train(cfg).run["config"])
     assert stored["cpu_gemm"] == gemm.for_run(cfg) == ("onednn" if gemm.onednn_available() else "aten")
     assert from_stored(stored).key() == cfg.key()  # an execution setting: the run keeps its key
+
+
+def _softcap_reference(h, E, y, cap, pen):
+    """Mean cross-entropy of cap·tanh(h·Eᵀ/cap) + mean pen(log Z), its log Z, logit statistics and gradients of
+    h and E, by autograd in float64."""
+    h64, E64 = h.double().requires_grad_(), E.double().requires_grad_()
+    lt = cap * torch.tanh(h64 @ E64.T / cap)
+    lse = torch.logsumexp(lt, dim=-1)
+    loss = F.cross_entropy(lt, y) + (pen(lse).mean() if pen is not None else 0)
+    gh, gE = torch.autograd.grad(loss, (h64, E64))
+    stats = torch.stack([lt.sum(), lt.square().sum(), lt.abs().max()]).detach()
+    return loss.detach(), lse.detach(), stats, gh, gE
+
+
+@needs_onednn
+@pytest.mark.parametrize("penalty", [None, "z-loss", "slope -1"])
+@pytest.mark.parametrize("chunk", [32, 45], ids=["chunk32-not-dividing", "chunk45-dividing"])
+def test_soft_capping_through_the_logit_gemms_epilogue_equals_the_transform(onednn_calls, chunk, penalty):
+    """With its cap (``Stabilizer.logit_cap``) the oneDNN head takes σ(2l/c) from the logit GEMM and the slope
+    4σ(1 − σ) by one pass: the loss, log Z, statistics and gradients of c·tanh(l/c) to fp32 rounding, with a
+    token loss whose one-hot term joins the softmax buffer (z-loss) and one whose does not (slope −1)."""
+    if not gemm.sigmoid_epilogue_available():
+        pytest.skip("this oneDNN has no sigmoid epilogue; the head then runs the transform's own passes")
+    pen = {None: None, "z-loss": lambda z: 0.1 * z.square(), "slope -1": lambda z: -z}[penalty]
+    stab = make_stabilizer("softcap", cap=4.0)
+    gen = torch.Generator().manual_seed(5)
+    h, E = torch.randn(90, 24, generator=gen), torch.randn(200, 24, generator=gen) * 0.6  # logits to ±13: capped
+    y = torch.randint(0, 200, (90,), generator=gen)
+    want = _softcap_reference(h, E, y, 4.0, pen)
+    hg, Eg = h.clone().requires_grad_(), E.clone().requires_grad_()
+    total, ce, p, lse, st = chunked_head(hg, Eg, y, chunk=chunk, token_loss=pen, transform=stab.transform_logits,
+                                         transform_with_slope=stab.transform_logits_with_slope, gemm="onednn",
+                                         cap=stab.logit_cap())
+    total.backward()
+    assert [c for c in onednn_calls if "sigmoid" in c] == [(n, 24, "sigmoid") for n in
+                                                            [chunk] * (90 // chunk) + [90 % chunk] * (90 % chunk > 0)]
+    for got, ref in zip((total.detach(), lse, st, hg.grad, Eg.grad), want):
+        torch.testing.assert_close(got.double(), ref, rtol=2e-5, atol=2e-5 * float(ref.abs().max()))
+
+
+@needs_onednn
+def test_a_soft_capped_run_takes_the_epilogue_where_onednn_multiplies_and_its_transform_elsewhere(onednn_calls):
+    """ATen's products keep the transform's own passes, the bits of the committed results; oneDNN's take the
+    cap into the logit GEMM, in a single run and in a pack's members; the same training up to rounding."""
+    from bench.pack.module import PackModule
+
+    x = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    losses = {}
+    for library in ("aten", "onednn"):
+        onednn_calls.clear()
+        cfg = tiny_config(cpu_gemm=library, precision="fp32", head_chunk=64, stabilizer="softcap", hparams={"cap": 3.0})
+        module = SingleModule(cfg)
+        losses[library] = [float(module.train_batch(x, x.roll(-1, 1), [3e-3], stats=False)[0][0, 0]) for _ in range(3)]
+        width = module.model.cfg.n_embd
+        assert ((64, width, "sigmoid") in onednn_calls) is (library == "onednn"), library
+        onednn_calls.clear()
+        PackModule([cfg.replace(seed=s, data_seed=1) for s in (1, 2)]).train_batch(x, x.roll(-1, 1), [3e-3, 1e-3], stats=False)
+        assert ((64, width, "sigmoid") in onednn_calls) is (library == "onednn"), f"pack, {library}"
+    assert losses["onednn"] == pytest.approx(losses["aten"], rel=1e-4)
+
+
+@needs_onednn
+@pytest.mark.parametrize("chunk", [3, 1024])
+def test_a_capped_target_whose_probability_underflows_keeps_a_finite_exact_loss(onednn_calls, chunk):
+    """The capped head's softmax overwrites its logits in place; a target 199 nats below its row's top (cap
+    100: logits ±99.5), whose fp32 probability is 0, still gets float64's log Z and cross-entropy, its row's
+    logits formed again from the GEMM's σ."""
+    if not gemm.sigmoid_epilogue_available():
+        pytest.skip("this oneDNN has no sigmoid epilogue; the head then runs the transform's own passes")
+    torch.manual_seed(0)
+    N, H, V = 8, 4, 64
+    h, E = torch.randn(N, H, dtype=torch.float64), torch.randn(V, H, dtype=torch.float64)
+    y = torch.randint(0, V, (N,))
+    top = (int(y[0]) + 1) % V
+    E[y[0]], E[top] = -300 * h[0] / h[0].norm() ** 2, 300 * h[0] / h[0].norm() ** 2  # raw logits ∓300
+    loss64, lse64, *_ = _softcap_reference(h, E, y, 100.0, None)
+    total, ce, _, lse, _ = chunked_head(h.float(), E.float(), y, chunk=chunk, gemm="onednn", cap=100.0,
+                                        transform=make_stabilizer("softcap", cap=100.0).transform_logits)
+    assert any("sigmoid" in c for c in onednn_calls)
+    assert torch.isfinite(lse).all() and math.isfinite(float(ce))
+    torch.testing.assert_close(lse.double(), lse64, rtol=1e-6, atol=1e-4)
+    assert float(ce) == pytest.approx(float(loss64), rel=1e-5)
+    assert float(loss64) > 190 / N  # the token's loss counts in full

@@ -132,6 +132,8 @@ def test_a_target_whose_probability_underflows_keeps_a_finite_exact_loss(chunk):
     _, ce64, _, lse64, _ = chunked_head(h, E, y, chunk=chunk)
     _, ce32, _, lse32, _ = chunked_head(h.float(), E.float(), y, chunk=chunk)
     assert torch.isfinite(lse32).all() and math.isfinite(float(ce32))
+    torch.testing.assert_close(lse64, logits.logsumexp(-1))  # float64's head is exact too (its rows below the floor)
+    assert float(ce64) == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)), rel=1e-12)
     torch.testing.assert_close(lse32.double(), lse64, rtol=1e-6, atol=1e-5)
     assert float(ce32) == pytest.approx(float(ce64), rel=1e-6)
     assert float(ce64) > 150 / N  # the token's loss counts in full

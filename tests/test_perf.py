@@ -4,6 +4,11 @@ import os
 import math
 import statistics
 
+import pytest
+import torch
+
+from bench import gemm
+from helpers import tiny_config
 from test_external_stabilizer import stabench
 
 
@@ -52,6 +57,10 @@ def test_perf_quick_writes_consistent_json(tmp_path):
             assert o["hook_s"] == statistics.median(o["hook_round_s"])
             # only what a stabilizer adds is timed: a baseline's hooks do nothing and cost nothing
             assert (o["hook_s"] == 0) == o["stabilizer"].startswith("baseline")
+            # soft-capping in the head's GEMM (fp32 in oneDNN) is timed as what it adds to the head
+            in_head = (res["settings"]["precision"] == "fp32" and res["settings"]["cpu_gemm"] == "onednn"
+                       and gemm.sigmoid_epilogue_available())
+            assert o["hook_in_head"] == (o["stabilizer"] == "softcap" and in_head)
         cap = next(o for o in rows if o["stabilizer"] == "softcap")
         assert cap["floor_s"] > 0 and math.isclose(cap["floor_overhead"], cap["floor_s"] / base["step_time_s"])
         assert cap["floor_s"] == statistics.median(cap["floor_round_s"]) and len(cap["floor_round_s"]) == len(
@@ -107,3 +116,25 @@ def test_perf_compares_packed_and_unpacked_trials_and_writes_markdown(tmp_path):
     text = md.read_text()
     assert "| `nano` |" in text and f"= **{packed['factor']:.2f}×**" in text and "MFU" in text
     assert f"at most **{packed['ceiling']:.2f}×**" in text and f"at most **{packed['ceiling_softmax']:.2f}×**" in text
+
+
+@pytest.mark.parametrize("library", ["aten", "onednn"])
+def test_soft_cappings_hooks_alone_are_what_it_adds_to_the_head_where_the_gemm_takes_its_cap(library, monkeypatch):
+    """With oneDNN's products the cap goes into the logit GEMM: no hook of its own runs, and its time is the
+    head with the cap minus the head without (``capped_head_time``); with ATen's the transform's hooks are timed."""
+    from bench.perf import capped_head_time, head_cap, hook_time
+    from bench.train_module import SingleModule
+
+    if library == "onednn" and not (gemm.onednn_available() and gemm.sigmoid_epilogue_available()):
+        pytest.skip("this PyTorch has no oneDNN sigmoid epilogue on this CPU: soft-capping runs its own hooks")
+    s = SingleModule(tiny_config(cpu_gemm=library, precision="fp32", head_chunk=64, stabilizer="softcap",
+                                 hparams={"cap": 30.0}))
+    y = torch.randint(0, 256, (4, 32))
+    assert head_cap(s) == (30.0 if library == "onednn" else None)
+    calls = []
+    monkeypatch.setattr("bench.perf.capped_head_time", lambda *a, **k: calls.append(a) or 1.0)
+    hook_time(s, y, reps=2)
+    assert len(calls) == (library == "onednn")
+    monkeypatch.undo()
+    if library == "onednn":
+        assert math.isfinite(capped_head_time(s, y, 30.0, reps=3))

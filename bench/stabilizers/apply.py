@@ -10,6 +10,7 @@ nothing. Order per step (see ``bench.stabilizers.base``)::
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -97,6 +98,16 @@ def hooked_cross_entropy(logits: torch.Tensor, y: torch.Tensor, hidden: torch.Te
             check_tensor(stabilizer, "loss_term", "a scalar loss", term, lt.shape[:-3])
             reg = term if reg is None else reg + term
     return ce_tok, lse, reg, logits_out
+
+
+def checked_cap(stabilizer: str, value: Any) -> float:
+    """A ``logit_cap`` result as a float: it must be a positive finite number (not a tensor); else
+    StabilizerError naming ``stabilizer``."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok:
+        raise _fault(stabilizer, "logit_cap", f"must return the cap c of c·tanh(l/c), a positive finite number, "
+                     f"got {_describe(value)}")
+    return float(value)
 
 
 def embedding_term(hook: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], stabilizer: str = "stabilizer"):

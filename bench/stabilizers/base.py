@@ -77,6 +77,15 @@ class Stabilizer:
         with ``transform_logits`` (tests/test_head.py checks the built-in one)."""
         raise NotImplementedError
 
+    def logit_cap(self) -> float:
+        """Optional, for speed, beside a ``transform_logits`` that is soft-capping, c·tanh(l/c): the cap c
+        (a positive float). With it a chunked head that multiplies in oneDNN (fp32 on x86 CPUs) takes
+        σ(2l/c) from its logit GEMM's epilogue, c·tanh(l/c) = 2c·σ(2l/c) − c, and the slope by one
+        ``sigmoid_backward`` pass, instead of the transform's own passes (``bench.head``); elsewhere
+        ``transform_logits`` (and its slope) serve. Must agree with ``transform_logits``: the preflight of a
+        plug-in checks it on small random inputs."""
+        raise NotImplementedError
+
     def token_loss(self, lse: torch.Tensor) -> torch.Tensor:
         """Per-token penalty of log Z: lse (..., T) float32 → a tensor of the same shape, whose
         mean over tokens is added to the loss (z-loss: λ·lse²). Runs inside the chunked head."""

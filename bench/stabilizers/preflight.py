@@ -18,7 +18,7 @@ import torch
 
 from ..errors import StabilizerError
 from ..model import GPT, ModelConfig
-from .apply import apply_after_step, embedding_term, hooked_cross_entropy
+from .apply import apply_after_step, checked_cap, embedding_term, hooked_cross_entropy
 from .base import LossInputs, Stabilizer
 
 HOOKS = ("transform_logits", "token_loss", "loss_term", "after_step")
@@ -69,6 +69,9 @@ def preflight(spec: str, stab: Stabilizer, model_cfg: ModelConfig) -> None:
         raise StabilizerError(f"stabilizer {spec!r}: loss_term_with_grad needs beside it a loss_term that reads only "
                               "output_embedding (loss_term_uses = {'output_embedding'}; the unchunked head runs "
                               "that one)")
+    if cls.has_hook("logit_cap") and not cls.has_hook("transform_logits"):
+        raise StabilizerError(f"stabilizer {spec!r}: logit_cap needs transform_logits beside it (soft-capping as the "
+                              "unchunked head, packs and ATen's products run it)")
     if not any(cls.has_hook(h) for h in HOOKS):
         return
     small = small_model_config(model_cfg)
@@ -94,6 +97,8 @@ def preflight(spec: str, stab: Stabilizer, model_cfg: ModelConfig) -> None:
             _finite(spec, "transform_logits", "logits", lt)
         if reg is not None:
             _finite(spec, "token_loss / loss_term", "a loss", reg)
+    if cls.has_hook("logit_cap"):
+        _check_cap_agrees(spec, stab, logits)
     if cls.has_hook("loss_term_with_grad"):
         _check_term_agrees(spec, stab, model.output_embedding.detach(), hidden)
     if cls.has_hook("after_step"):
@@ -131,6 +136,19 @@ def _check_term_agrees(spec: str, stab: Stabilizer, E: torch.Tensor, hidden: tor
             raise StabilizerError(f"stabilizer {spec!r}: loss_term_with_grad disagrees with loss_term on the {what} "
                                   f"(max difference {float((got - want).abs().max()):.3g}, largest entry {scale:.3g}, "
                                   "on small random inputs); it must give loss_term's value and its gradient of E")
+
+
+def _check_cap_agrees(spec: str, stab: Stabilizer, logits: torch.Tensor) -> None:
+    """``logit_cap()`` is a positive finite number c and ``transform_logits`` is c·tanh(l/c) (to float32
+    rounding) on the small model's logits stretched to span ±4c, where the cap bends them."""
+    cap = checked_cap(spec, _guard(spec, "logit_cap", stab.logit_cap)())
+    lt = logits.detach() * (4 * cap / float(logits.detach().abs().max().clamp_min(1e-30)))
+    got = _guard(spec, "transform_logits", stab.transform_logits)(lt)
+    want = cap * torch.tanh(lt.double() / cap)
+    if not torch.allclose(got.double(), want, rtol=1e-5, atol=1e-6 * cap):
+        raise StabilizerError(f"stabilizer {spec!r}: logit_cap {cap:g} disagrees with transform_logits (max difference "
+                              f"from {cap:g}·tanh(l/{cap:g}) {float((got.double() - want).abs().max()):.3g} on small "
+                              "random inputs); it must be the c of a transform_logits that is c·tanh(l/c)")
 
 
 def _check_delta_agrees(spec: str, stab: Stabilizer, copies: dict[str, torch.Tensor],

@@ -69,6 +69,9 @@ class SoftCap(Stabilizer):
     def transform_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return softcap(logits, self.cap)
 
+    def logit_cap(self) -> float:
+        return self.cap
+
     def transform_logits_with_slope(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(c·t, 1 − t²) with t = tanh(l/c), bit for bit what ``transform_logits`` and its backward
         compute: t as ``_SoftCap`` forms it, and the slope by one addcmul into t's own buffer, which
