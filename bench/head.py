@@ -130,6 +130,13 @@ class FusedKernels:
             return None
 
 
+def fuses_cap(precision: str, device: torch.device, lib: str) -> bool:
+    """Whether a head of ``precision`` on ``device`` whose products are ``lib``'s takes a transform's cap
+    (``Stabilizer.logit_cap``) into its logit GEMM (``_capped_chunk``): fp32 on CPU in oneDNN, where its
+    sigmoid epilogue is available; elsewhere the transform's own hooks run."""
+    return precision == "fp32" and device.type == "cpu" and lib == "onednn" and sigmoid_epilogue_available()
+
+
 class _ChunkedHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, E, y, chunk: int, transform, token_loss, precision: str, want_grad: bool, want_stats: bool,
@@ -151,8 +158,7 @@ class _ChunkedHead(torch.autograd.Function):
         # autocast would; on CUDA its index_add would be atomic (duplicate targets: run-to-run rounding noise)
         fold = precision in ("fp32", "fp64") and h.device.type == "cpu"
         # soft-capping by its cap (``Stabilizer.logit_cap``) where oneDNN multiplies: σ(2l/c) from the GEMM's epilogue
-        capped = (cap is not None and fold and lib == "onednn" and onednn_takes(hc, Ec)
-                  and sigmoid_epilogue_available())
+        capped = cap is not None and fuses_cap(precision, h.device, lib) and onednn_takes(hc, Ec)
         h_capped = hc * (2 / cap) if capped else None  # (N, H): the epilogue's sigmoid takes 2l/c
         for start in range(0, N, chunk):
             sl = slice(start, min(start + chunk, N))

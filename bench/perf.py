@@ -372,10 +372,11 @@ def hook_time(s, y: torch.Tensor, reps: int = 20) -> float:
 def head_cap(s) -> float | None:
     """The cap module ``s``'s chunked head takes into its logit GEMM (``logit_cap``, fp32 products in
     oneDNN: ``bench.head``), or None where its transform, if any, runs through its own hooks."""
+    from .head import fuses_cap
     from .train_module import logit_cap, uses_chunked_head
 
     lib = getattr(s.model, "gemm_library", "aten")
-    if not (uses_chunked_head(s.stab, s.chunk) and lib == "onednn" and s.precision == "fp32"):
+    if not (uses_chunked_head(s.stab, s.chunk) and fuses_cap(s.precision, s.device, lib)):
         return None
     return logit_cap(s.stab)
 

@@ -24,6 +24,11 @@ needs_onednn = pytest.mark.skipif(not gemm.onednn_available(),
                                          "built without oneDNN); the 'aten' library is then the only one")
 
 
+needs_sigmoid_epilogue = pytest.mark.skipif(
+    not gemm.sigmoid_epilogue_available(),
+    reason="this oneDNN has no sigmoid epilogue (or no fp32 matmul) here; soft-capping then runs its own hooks")
+
+
 @pytest.fixture
 def onednn_calls(monkeypatch) -> list[tuple[int, ...]]:
     """The shapes of the first operand of every oneDNN product while the test runs, followed by the name of
@@ -206,15 +211,13 @@ def _softcap_reference(h, E, y, cap, pen):
     return loss.detach(), lse.detach(), stats, gh, gE
 
 
-@needs_onednn
+@needs_sigmoid_epilogue
 @pytest.mark.parametrize("penalty", [None, "z-loss", "slope -1"])
 @pytest.mark.parametrize("chunk", [32, 45], ids=["chunk32-not-dividing", "chunk45-dividing"])
 def test_soft_capping_through_the_logit_gemms_epilogue_equals_the_transform(onednn_calls, chunk, penalty):
     """With its cap (``Stabilizer.logit_cap``) the oneDNN head takes σ(2l/c) from the logit GEMM and the slope
     4σ(1 − σ) by one pass: the loss, log Z, statistics and gradients of c·tanh(l/c) to fp32 rounding, with a
     token loss whose one-hot term joins the softmax buffer (z-loss) and one whose does not (slope −1)."""
-    if not gemm.sigmoid_epilogue_available():
-        pytest.skip("this oneDNN has no sigmoid epilogue; the head then runs the transform's own passes")
     pen = {None: None, "z-loss": lambda z: 0.1 * z.square(), "slope -1": lambda z: -z}[penalty]
     stab = make_stabilizer("softcap", cap=4.0)
     gen = torch.Generator().manual_seed(5)
@@ -232,7 +235,7 @@ def test_soft_capping_through_the_logit_gemms_epilogue_equals_the_transform(oned
         torch.testing.assert_close(got.double(), ref, rtol=2e-5, atol=2e-5 * float(ref.abs().max()))
 
 
-@needs_onednn
+@needs_sigmoid_epilogue
 def test_a_soft_capped_run_takes_the_epilogue_where_onednn_multiplies_and_its_transform_elsewhere(onednn_calls):
     """ATen's products keep the transform's own passes, the bits of the committed results; oneDNN's take the
     cap into the logit GEMM, in a single run and in a pack's members; the same training up to rounding."""
@@ -253,14 +256,12 @@ def test_a_soft_capped_run_takes_the_epilogue_where_onednn_multiplies_and_its_tr
     assert losses["onednn"] == pytest.approx(losses["aten"], rel=1e-4)
 
 
-@needs_onednn
+@needs_sigmoid_epilogue
 @pytest.mark.parametrize("chunk", [3, 1024])
 def test_a_capped_target_whose_probability_underflows_keeps_a_finite_exact_loss(onednn_calls, chunk):
     """The capped head's softmax overwrites its logits in place; a target 199 nats below its row's top (cap
     100: logits ±99.5), whose fp32 probability is 0, still gets float64's log Z and cross-entropy, its row's
     logits formed again from the GEMM's σ."""
-    if not gemm.sigmoid_epilogue_available():
-        pytest.skip("this oneDNN has no sigmoid epilogue; the head then runs the transform's own passes")
     torch.manual_seed(0)
     N, H, V = 8, 4, 64
     h, E = torch.randn(N, H, dtype=torch.float64), torch.randn(V, H, dtype=torch.float64)
