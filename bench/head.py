@@ -14,10 +14,11 @@ last node of the graph; backward only scales them by the incoming scalar), as in
 fused linear cross-entropy. In fp32 and fp64 on CPU the gradient's per-token scaling and its one-hot term
 go to the GEMMs' (n × H) sides (``FoldedGrad``): the softmax is the only pass over a chunk's logits
 that the gradient adds (a transform's slope adds one multiplication). Soft-capping with its cap
-(``Stabilizer.logit_cap``), where the products are oneDNN's, is fused further (``_capped_chunk``): the
-logit GEMM's epilogue writes σ(2l/c), c·tanh(l/c) = 2c·σ − c is one pass and the slope 4σ(1 − σ) one more,
-against the seven passes of the transform's own ``transform_logits_with_slope`` (which ATen's products keep:
-the bits of the committed results).
+(``Stabilizer.logit_cap``), where the products are oneDNN's, is fused further: stabench's compiled kernel
+(``bench.native``) takes each chunk's logits through c·tanh(l/c), its softmax and its slope in one call
+(``_native_capped_chunk``); without it, the logit GEMM's epilogue writes σ(2l/c), c·tanh(l/c) = 2c·σ − c is
+one pass and the slope 4σ(1 − σ) one more (``_capped_chunk``). Either against the seven passes of the
+transform's own ``transform_logits_with_slope`` (which ATen's products keep: the bits of the committed results).
 
 Precision: the head runs outside the model's autocast / emulation context and applies the run's
 precision to its own GEMMs, as autocast or ``bench.precision.BF16Rounding`` would to the
@@ -36,6 +37,8 @@ import torch
 
 from .config import DEFAULT_HEAD_CHUNK
 from .gemm import mm, onednn_takes, sigmoid_epilogue_available, sigmoid_mm
+from .native import CappedKernel, capped_kernel
+from .native import enabled as native_enabled
 from .precision import bf16_round
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -130,11 +133,16 @@ class FusedKernels:
             return None
 
 
-def fuses_cap(precision: str, device: torch.device, lib: str) -> bool:
+def fuses_cap(precision: str, device: torch.device, lib: str, build: bool = True) -> bool:
     """Whether a head of ``precision`` on ``device`` whose products are ``lib``'s takes a transform's cap
-    (``Stabilizer.logit_cap``) into its logit GEMM (``_capped_chunk``): fp32 on CPU in oneDNN, where its
-    sigmoid epilogue is available; elsewhere the transform's own hooks run."""
-    return precision == "fp32" and device.type == "cpu" and lib == "onednn" and sigmoid_epilogue_available()
+    (``Stabilizer.logit_cap``) into its own passes: fp32 on CPU in oneDNN, through the compiled kernel
+    (``_native_capped_chunk``) or, without it, the logit GEMM's sigmoid epilogue (``_capped_chunk``); elsewhere
+    the transform's own hooks run. ``build=False`` answers without building the kernel (a memory estimate),
+    counting it as there unless turned off (``bench.native.enabled``)."""
+    if not (precision == "fp32" and device.type == "cpu" and lib == "onednn"):
+        return False
+    kernel = capped_kernel() is not None if build else native_enabled()
+    return kernel or sigmoid_epilogue_available()
 
 
 class _ChunkedHead(torch.autograd.Function):
@@ -157,12 +165,18 @@ class _ChunkedHead(torch.autograd.Function):
         # the folded gradient (FoldedGrad): fp32/fp64 on CPU. bf16 modes round the explicit logit gradient, as
         # autocast would; on CUDA its index_add would be atomic (duplicate targets: run-to-run rounding noise)
         fold = precision in ("fp32", "fp64") and h.device.type == "cpu"
-        # soft-capping by its cap (``Stabilizer.logit_cap``) where oneDNN multiplies: σ(2l/c) from the GEMM's epilogue
+        # soft-capping by its cap (``Stabilizer.logit_cap``) where oneDNN multiplies: the compiled kernel, else
+        # σ(2l/c) from the GEMM's epilogue
         capped = cap is not None and fuses_cap(precision, h.device, lib) and onednn_takes(hc, Ec)
-        h_capped = hc * (2 / cap) if capped else None  # (N, H): the epilogue's sigmoid takes 2l/c
+        kernel = capped_kernel() if capped else None
+        h_capped = hc * (2 / cap) if capped and kernel is None else None  # (N, H): the epilogue's sigmoid takes 2l/c
         for start in range(0, N, chunk):
             sl = slice(start, min(start + chunk, N))
-            if capped:
+            if kernel is not None:
+                done = _native_capped_chunk(kernel, mm(hc[sl], Ec.T, lib), y[sl], cap, token_loss, N, want_grad,
+                                            want_stats)
+                raw = None
+            elif capped:
                 done = _capped_chunk(sigmoid_mm(h_capped[sl], Ec.T), y[sl], cap, token_loss, N, want_grad, want_stats)
                 raw = None
             else:
@@ -343,10 +357,11 @@ def _eager_chunk(raw, y, transform, with_slope, token_loss, N: int, want_grad: b
 
 
 def _folded(q: torch.Tensor, at_target: torch.Tensor, slope: torch.Tensor | None, yc: torch.Tensor, N: int,
-            scale: float = 1.0) -> FoldedGrad:
+            scale: float = 1.0, norm: torch.Tensor | None = None) -> FoldedGrad:
     """A chunk's gradient as a ``FoldedGrad`` from q = softmax(l)·f′(raw)/scale (n, V; written in place),
     f′ at the targets /scale, at_target (n, 1; written in place), the targets yc (n, 1) and ∂pen/∂lse per token
-    (n,) or None: the gradient is scale·(q − at_target·onehot(y))/N per row, times 1 + ∂pen/∂lse."""
+    (n,) or None: the gradient is scale·(q − at_target·onehot(y))/N per row, times 1 + ∂pen/∂lse. With ``norm``
+    (n,), q's row i is norm_i times that, and the row factor divides it out."""
     if slope is None:  # every row scaled by scale/N
         row, joins = scale / N, True
     else:  # row i of the gradient is scale·a_i/N · (q_i − f′_i/(scale·a_i) · onehot(y_i)), a = 1 + ∂pen/∂lse
@@ -354,7 +369,11 @@ def _folded(q: torch.Tensor, at_target: torch.Tensor, slope: torch.Tensor | None
         row, joins = a * scale / N, bool((a.isfinite() & (a != 0)).all())
         if joins:
             at_target.div_(a.unsqueeze(1))
-    if joins:  # the one-hot term joins q (n entries)
+    if norm is not None:
+        row = row / norm
+    if joins:  # the one-hot term joins q (n entries), scaled as q's row
+        if norm is not None:
+            at_target.mul_(norm.unsqueeze(1))
         return FoldedGrad(q.scatter_add_(1, yc, at_target.neg_()), row, None)
     return FoldedGrad(q, row, at_target.squeeze(1) * scale / N)
 
@@ -381,6 +400,29 @@ def _capped_chunk(s: torch.Tensor, y: torch.Tensor, cap: float, token_loss, N: i
     s_y = s.gather(1, yc)
     q = torch.ops.aten.sigmoid_backward.grad_input(p, s, grad_input=p)  # p·s(1 − s) = p·f′/4, in place
     return lse, ce.sum(), pen_sum, st, _folded(q, s_y * (1 - s_y), slope, yc, N, scale=4.0)
+
+
+def _native_capped_chunk(kernel: CappedKernel, raw: torch.Tensor, y: torch.Tensor, cap: float, token_loss, N: int,
+                         want_grad: bool, want_stats: bool):
+    """One chunk soft-capped at ``cap`` by the compiled kernel (``bench.native``) from its raw logits (n, V),
+    fp32, the GEMM's own buffer: log Z, the target's capped logit and (with ``want_grad``) the gradient with
+    respect to raw up to a factor per row, in that buffer, in one call; that factor, the slope's 4 and the
+    one-hot term go to the GEMMs' small sides (``_folded``). The cross-entropy is log Z − l[y] in float64:
+    finite for any target, however far below its row's top (no probability to underflow)."""
+    yc = y.unsqueeze(1)
+    rows = kernel(raw, y, cap, grad=want_grad, stats=want_stats)
+    lse = rows.lse.to(torch.float32)
+    ce_sum = (rows.lse - rows.lt_y).sum().to(torch.float32)
+    st = None
+    if want_stats:  # per-row sums in float32, as logit_stats sums a row, accumulated over rows in float64
+        st = torch.stack([rows.stats[:, 0].double().sum(), rows.stats[:, 1].double().sum(),
+                          rows.stats[:, 2].max().double()])
+    pen_sum, slope = _penalty(token_loss, lse, want_grad)
+    if not want_grad:
+        return lse, ce_sum, pen_sum, st, None
+    s_y = rows.s_y.unsqueeze(1)
+    return lse, ce_sum, pen_sum, st, _folded(raw, s_y * (1 - s_y), slope, yc, N, scale=4.0,
+                                             norm=rows.norm.to(torch.float32))
 
 
 def _fused_chunk(fused: FusedKernels, raw, y, token_loss, N: int, want_grad: bool, g_dtype: torch.dtype):
@@ -425,8 +467,9 @@ def chunked_head(h: torch.Tensor, E: torch.Tensor, y: torch.Tensor, *, chunk: in
     gemm: the library of the head's fp32 products on CPU, "aten" or "onednn" (``bench.gemm``; same sums up
     to their order).
     cap: c when ``transform`` is soft-capping, c·tanh(l/c) (``Stabilizer.logit_cap``): where the head
-    multiplies in oneDNN (fp32 on CPU) it takes σ(2l/c) from the logit GEMM's epilogue and the slope by one
-    pass (``_capped_chunk``) instead of calling ``transform_with_slope``; elsewhere it is not read.
+    multiplies in oneDNN (fp32 on CPU) it runs the compiled kernel (``bench.native``: the capped softmax and
+    its slope in one call) or, without it, takes σ(2l/c) from the logit GEMM's epilogue and the slope by one
+    pass (``_capped_chunk``), instead of calling ``transform_with_slope``; elsewhere it is not read.
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1 tokens, got {chunk}")

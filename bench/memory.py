@@ -32,7 +32,10 @@ CHUNK_COPIES = 2
 softmax, which becomes the gradient (measured: 25 MiB for a `micro` step in 256-token chunks, 16 of
 them these two)."""
 CHUNK_TRANSFORM_COPIES = 2
-"""More of them under a logit transform (soft-capping): the transformed logits and their slope."""
+"""More of them under a logit transform (soft-capping) that runs through its own hooks: the transformed logits
+and their slope. None where the head takes the transform's cap into its own passes (``head.fuses_cap``: the
+compiled kernel works in the GEMM's buffer; the GEMM's epilogue path holds σ and the capped logits, which the
+softmax overwrites: two, as without a transform)."""
 
 
 def head_is_chunked(cfg: "RunConfig") -> bool:
@@ -54,6 +57,20 @@ def _stabilizer_class(cfg: "RunConfig") -> type | None:
         return None
 
 
+def _caps_in_head(cfg: "RunConfig", cls: type) -> bool:
+    """Whether ``cfg``'s chunked head takes its stabilizer's cap (``logit_cap``) into its own passes
+    (``bench.head.fuses_cap``, asked without building the compiled kernel) rather than running the transform's
+    hooks."""
+    import torch
+
+    from .config import machine_device
+    from .gemm import for_run
+    from .head import fuses_cap
+
+    return (cls.has_hook("transform_logits") and cls.has_hook("logit_cap")
+            and fuses_cap(cfg.resolved_precision, torch.device(machine_device(cfg.device)), for_run(cfg), build=False))
+
+
 def head_bytes(cfg: "RunConfig", train: bool = True) -> int:
     """Bytes the loss head of one micro-batch holds at its peak (float32 logits-sized buffers,
     and for the chunked head's training pass its (V × H) and (N × H) gradients, and with oneDNN's
@@ -64,7 +81,8 @@ def head_bytes(cfg: "RunConfig", train: bool = True) -> int:
     if not head_is_chunked(cfg):
         return (LOGIT_COPIES if train else 2) * N * V * 4
     n = min(cfg.head_chunk, N)
-    transforms = _stabilizer_class(cfg).has_hook("transform_logits")  # loadable: the head is chunked
+    cls = _stabilizer_class(cfg)  # loadable: the head is chunked
+    transforms = cls.has_hook("transform_logits") and not _caps_in_head(cfg, cls)
     copies = (CHUNK_COPIES + (CHUNK_TRANSFORM_COPIES if transforms else 0)
               + (cfg.resolved_precision in ("bf16", "bf16-emu")))  # bf16: the GEMM's output before fp32; emu: a rounding copy
     from .gemm import for_run

@@ -297,7 +297,8 @@ def stabilizer_overhead(base: RunConfig, data, rounds: int, steps: int, warmup_s
         rows.append({"preset": base.model, "stabilizer": name, "step_time_s": med[name], "round_ratios": ratios[name],
                      "overhead": statistics.median(ratios[name]) - 1,
                      "hook_s": hook, "hook_round_s": hooks[name], "hook_overhead": hook / med["baseline"],
-                     "hook_in_head": head_cap(timers[name].s) is not None})
+                     "hook_in_head": head_cap(timers[name].s) is not None,
+                     "head_capping": head_capping(timers[name].s)})
     floor = statistics.median(floors)
     rows[list(timers).index("softcap")].update(floor_s=floor, floor_round_s=floors,
                                                floor_overhead=floor / med["baseline"])
@@ -379,6 +380,16 @@ def head_cap(s) -> float | None:
     if not (uses_chunked_head(s.stab, s.chunk) and fuses_cap(s.precision, s.device, lib)):
         return None
     return logit_cap(s.stab)
+
+
+def head_capping(s) -> str | None:
+    """How module ``s``'s chunked head caps its logits where it takes the cap itself (``head_cap``): "kernel"
+    (stabench's compiled kernel, ``bench.native``) or "epilogue" (σ from oneDNN's logit GEMM); else None."""
+    from .native import capped_kernel
+
+    if head_cap(s) is None:
+        return None
+    return "kernel" if capped_kernel() is not None else "epilogue"
 
 
 def capped_head_time(s, y: torch.Tensor, cap: float, reps: int = 20) -> float:
@@ -660,10 +671,13 @@ def format_markdown(result: dict[str, Any]) -> str:
                 f"{cell[p, name]['step_time_s'] * 1e3:.1f} | {cell[p, name]['overhead']:+.1%} | "
                 f"{cell[p, name].get('hook_overhead', float('nan')):+.1%}" for p in over) + " |")
         in_head = sorted({f"`{r['stabilizer']}`" for r in result["overhead"] if r.get("hook_in_head")})
+        how = {r.get("head_capping") for r in result["overhead"] if r.get("hook_in_head")}
         if in_head:
-            out += ["", f"Hooks alone of {', '.join(in_head)}: the head takes its cap into the logit GEMM's epilogue "
-                        "(`logit_cap`, oneDNN's products), so they are what it adds to the chunked head, forward + "
-                        "backward: the head with it minus the head without, each the median of its repetitions."]
+            where = ("stabench's compiled kernel (`bench.native`: the capped softmax and its slope in one call per "
+                     "chunk)" if how == {"kernel"} else "the logit GEMM's epilogue")
+            out += ["", f"Hooks alone of {', '.join(in_head)}: the head takes its cap (`logit_cap`, oneDNN's products) "
+                        f"into {where}, so they are what it adds to the chunked head, forward + backward: the head "
+                        "with it minus the head without, each the median of its repetitions."]
         floors = [cell[p, "softcap"] for p in over if "floor_s" in cell.get((p, "softcap"), {})]
         if floors:
             out += ["", "Floor of soft-capping in separate passes (one sigmoid pass forward, one tanh-backward pass "

@@ -17,16 +17,38 @@ from bench.precision import BF16Rounding
 from bench.stabilizers import make_stabilizer
 from bench.train_module import SingleModule
 
-from helpers import tiny_config
+from helpers import native_kernel, tiny_config
 
 needs_onednn = pytest.mark.skipif(not gemm.onednn_available(),
                                   reason="this PyTorch has no oneDNN fp32 matmul on this CPU (not x86-64, or "
                                          "built without oneDNN); the 'aten' library is then the only one")
 
 
-needs_sigmoid_epilogue = pytest.mark.skipif(
-    not gemm.sigmoid_epilogue_available(),
-    reason="this oneDNN has no sigmoid epilogue (or no fp32 matmul) here; soft-capping then runs its own hooks")
+class _KernelSpy:
+    """The compiled kernel, recording the shape of every chunk of logits it is given."""
+
+    def __init__(self, kernel, calls: list):
+        self.kernel, self.calls = kernel, calls
+
+    def __call__(self, l, *args, **kwargs):
+        self.calls.append(tuple(l.shape))
+        return self.kernel(l, *args, **kwargs)
+
+
+@pytest.fixture(params=["native", "epilogue"])
+def capped_path(request, monkeypatch) -> tuple[str, list]:
+    """The head's own soft-capping under test, where oneDNN multiplies: "native", the compiled kernel
+    (``bench.native``), or "epilogue", the kernel off: σ from the logit GEMM's epilogue and ATen's passes.
+    Returns the path's name and the shapes of the chunks the kernel was given."""
+    calls: list = []
+    if request.param == "native":
+        kernel = native_kernel()
+        monkeypatch.setattr("bench.head.capped_kernel", lambda: _KernelSpy(kernel, calls))
+    else:
+        if not gemm.sigmoid_epilogue_available():
+            pytest.skip("this oneDNN has no sigmoid epilogue (or no fp32 matmul) here")
+        monkeypatch.setattr("bench.head.capped_kernel", lambda: None)
+    return request.param, calls
 
 
 @pytest.fixture
@@ -211,13 +233,14 @@ def _softcap_reference(h, E, y, cap, pen):
     return loss.detach(), lse.detach(), stats, gh, gE
 
 
-@needs_sigmoid_epilogue
 @pytest.mark.parametrize("penalty", [None, "z-loss", "slope -1"])
 @pytest.mark.parametrize("chunk", [32, 45], ids=["chunk32-not-dividing", "chunk45-dividing"])
-def test_soft_capping_through_the_logit_gemms_epilogue_equals_the_transform(onednn_calls, chunk, penalty):
-    """With its cap (``Stabilizer.logit_cap``) the oneDNN head takes σ(2l/c) from the logit GEMM and the slope
-    4σ(1 − σ) by one pass: the loss, log Z, statistics and gradients of c·tanh(l/c) to fp32 rounding, with a
-    token loss whose one-hot term joins the softmax buffer (z-loss) and one whose does not (slope −1)."""
+def test_soft_capping_in_the_heads_own_passes_equals_the_transform(onednn_calls, capped_path, chunk, penalty):
+    """With its cap (``Stabilizer.logit_cap``) the oneDNN head caps each chunk itself — the compiled kernel once
+    per chunk, or σ(2l/c) from the logit GEMM and the slope 4σ(1 − σ) by one pass: the loss, log Z, statistics
+    and gradients of c·tanh(l/c) to fp32 rounding, with a token loss whose one-hot term joins the softmax
+    buffer (z-loss) and one whose does not (slope −1)."""
+    path, kernel_calls = capped_path
     pen = {None: None, "z-loss": lambda z: 0.1 * z.square(), "slope -1": lambda z: -z}[penalty]
     stab = make_stabilizer("softcap", cap=4.0)
     gen = torch.Generator().manual_seed(5)
@@ -229,39 +252,49 @@ def test_soft_capping_through_the_logit_gemms_epilogue_equals_the_transform(oned
                                          transform_with_slope=stab.transform_logits_with_slope, gemm="onednn",
                                          cap=stab.logit_cap())
     total.backward()
-    assert [c for c in onednn_calls if "sigmoid" in c] == [(n, 24, "sigmoid") for n in
-                                                            [chunk] * (90 // chunk) + [90 % chunk] * (90 % chunk > 0)]
+    chunks = [chunk] * (90 // chunk) + [90 % chunk] * (90 % chunk > 0)
+    sigmoid_gemms = [c for c in onednn_calls if "sigmoid" in c]
+    if path == "native":
+        assert kernel_calls == [(n, 200) for n in chunks] and sigmoid_gemms == []
+    else:
+        assert kernel_calls == [] and sigmoid_gemms == [(n, 24, "sigmoid") for n in chunks]
     for got, ref in zip((total.detach(), lse, st, hg.grad, Eg.grad), want):
         torch.testing.assert_close(got.double(), ref, rtol=2e-5, atol=2e-5 * float(ref.abs().max()))
 
 
-@needs_sigmoid_epilogue
-def test_a_soft_capped_run_takes_the_epilogue_where_onednn_multiplies_and_its_transform_elsewhere(onednn_calls):
+def test_a_soft_capped_run_caps_in_the_head_where_onednn_multiplies_and_through_its_transform_elsewhere(
+        onednn_calls, capped_path):
     """ATen's products keep the transform's own passes, the bits of the committed results; oneDNN's take the
-    cap into the logit GEMM, in a single run and in a pack's members; the same training up to rounding."""
+    cap into the head's own passes (the compiled kernel, or the GEMM's epilogue), in a single run and in a pack's
+    members; the same training up to rounding."""
     from bench.pack.module import PackModule
 
+    path, kernel_calls = capped_path
     x = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
     losses = {}
+
+    def capped_in_head(width: int) -> bool:
+        return bool(kernel_calls) if path == "native" else (64, width, "sigmoid") in onednn_calls
+
     for library in ("aten", "onednn"):
-        onednn_calls.clear()
+        onednn_calls.clear(), kernel_calls.clear()
         cfg = tiny_config(cpu_gemm=library, precision="fp32", head_chunk=64, stabilizer="softcap", hparams={"cap": 3.0})
         module = SingleModule(cfg)
         losses[library] = [float(module.train_batch(x, x.roll(-1, 1), [3e-3], stats=False)[0][0, 0]) for _ in range(3)]
         width = module.model.cfg.n_embd
-        assert ((64, width, "sigmoid") in onednn_calls) is (library == "onednn"), library
-        onednn_calls.clear()
+        assert capped_in_head(width) is (library == "onednn"), library
+        onednn_calls.clear(), kernel_calls.clear()
         PackModule([cfg.replace(seed=s, data_seed=1) for s in (1, 2)]).train_batch(x, x.roll(-1, 1), [3e-3, 1e-3], stats=False)
-        assert ((64, width, "sigmoid") in onednn_calls) is (library == "onednn"), f"pack, {library}"
+        assert capped_in_head(width) is (library == "onednn"), f"pack, {library}"
     assert losses["onednn"] == pytest.approx(losses["aten"], rel=1e-4)
 
 
-@needs_sigmoid_epilogue
 @pytest.mark.parametrize("chunk", [3, 1024])
-def test_a_capped_target_whose_probability_underflows_keeps_a_finite_exact_loss(onednn_calls, chunk):
-    """The capped head's softmax overwrites its logits in place; a target 199 nats below its row's top (cap
-    100: logits ±99.5), whose fp32 probability is 0, still gets float64's log Z and cross-entropy, its row's
-    logits formed again from the GEMM's σ."""
+def test_a_capped_target_whose_probability_underflows_keeps_a_finite_exact_loss(onednn_calls, capped_path, chunk):
+    """A target 199 nats below its row's top (cap 100: logits ±99.5), whose fp32 probability is 0, still gets
+    float64's log Z and cross-entropy: the kernel's is log Z − l[y]; the epilogue path's softmax overwrites its
+    logits in place, and its row's logits are formed again from the GEMM's σ."""
+    path, kernel_calls = capped_path
     torch.manual_seed(0)
     N, H, V = 8, 4, 64
     h, E = torch.randn(N, H, dtype=torch.float64), torch.randn(V, H, dtype=torch.float64)
@@ -271,7 +304,7 @@ def test_a_capped_target_whose_probability_underflows_keeps_a_finite_exact_loss(
     loss64, lse64, *_ = _softcap_reference(h, E, y, 100.0, None)
     total, ce, _, lse, _ = chunked_head(h.float(), E.float(), y, chunk=chunk, gemm="onednn", cap=100.0,
                                         transform=make_stabilizer("softcap", cap=100.0).transform_logits)
-    assert any("sigmoid" in c for c in onednn_calls)
+    assert bool(kernel_calls) if path == "native" else any("sigmoid" in c for c in onednn_calls)
     assert torch.isfinite(lse).all() and math.isfinite(float(ce))
     torch.testing.assert_close(lse.double(), lse64, rtol=1e-6, atol=1e-4)
     assert float(ce) == pytest.approx(float(loss64), rel=1e-5)

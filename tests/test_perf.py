@@ -125,12 +125,18 @@ def test_soft_cappings_hooks_alone_are_what_it_adds_to_the_head_where_the_gemm_t
     from bench.perf import capped_head_time, head_cap, hook_time
     from bench.train_module import SingleModule
 
-    if library == "onednn" and not (gemm.onednn_available() and gemm.sigmoid_epilogue_available()):
-        pytest.skip("this PyTorch has no oneDNN sigmoid epilogue on this CPU: soft-capping runs its own hooks")
+    from bench.head import fuses_cap
+
+    if library == "onednn" and not (gemm.onednn_available() and fuses_cap("fp32", torch.device("cpu"), "onednn")):
+        pytest.skip("this PyTorch has no oneDNN fp32 matmul on this CPU, or neither the compiled kernel nor oneDNN's "
+                    "sigmoid epilogue: soft-capping runs its own hooks")
     s = SingleModule(tiny_config(cpu_gemm=library, precision="fp32", head_chunk=64, stabilizer="softcap",
                                  hparams={"cap": 30.0}))
     y = torch.randint(0, 256, (4, 32))
     assert head_cap(s) == (30.0 if library == "onednn" else None)
+    from bench.native import capped_kernel
+    from bench.perf import head_capping
+    assert head_capping(s) == (None if library == "aten" else "kernel" if capped_kernel() else "epilogue")
     calls = []
     monkeypatch.setattr("bench.perf.capped_head_time", lambda *a, **k: calls.append(a) or 1.0)
     hook_time(s, y, reps=2)
