@@ -10,8 +10,9 @@ The kernel is built on first use with the system C compiler (``$CC``, else ``cc`
 width PyTorch itself dispatches to on this CPU (AVX-512, AVX2 or the compiler's baseline), OpenMP over
 rows where the compiler has it. The library goes to ``$STABENCH_CACHE/kernels`` (default
 ``~/.cache/stabench``) under a name keyed by the source, the compiler and its flags, so a changed file, a
-different compiler or another CPU's build never loads; it is written to a temporary name and renamed, so
-processes that build at once never read half a file. Before first use it must match PyTorch in float64 on
+different compiler or another CPU's build never loads, and by user: a library is loaded only from a file and
+folder that this user owns and no one else may write. It is written to a temporary name and renamed,
+so processes that build at once never read half a file. Before first use it must match PyTorch in float64 on
 a small chunk (tails, a NaN row, a saturated row). Where there is no compiler, the build fails or the check
 does, ``capped_kernel()`` says why on one stderr line and returns None, and the head takes PyTorch's
 passes. ``STABENCH_NATIVE=0`` turns it off.
@@ -25,6 +26,7 @@ import os
 import platform
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -89,10 +91,10 @@ def build() -> Path:
     key = hashlib.sha256(b"\0".join([src, " ".join(cc + flags).encode(), _compiler_version(cc).encode(),
                                      platform.machine().encode()])).hexdigest()[:16]
     out_dir = cache_dir()
-    target = out_dir / f"capped_softmax-{key}.so"
+    target = out_dir / f"capped_softmax-{key}{_user_suffix()}.so"
     if target.exists():
         return target
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=out_dir)
     os.close(fd)
     try:
@@ -101,6 +103,7 @@ def build() -> Path:
             run = subprocess.run([*cc, *flags, *openmp, str(SOURCE), "-o", tmp], capture_output=True, text=True,
                                  timeout=300)
             if run.returncode == 0:
+                os.chmod(tmp, 0o755)  # whatever the umask: check_private refuses a library that others may write
                 os.replace(tmp, target)  # atomic: a process building beside this one reads one whole file
                 return target
             errors.append((run.stderr or run.stdout).strip().splitlines()[-1:] or ["(no output)"])
@@ -110,6 +113,27 @@ def build() -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _user_suffix() -> str:
+    """Each user builds and loads their own library (``-u<uid>``), so a cache shared between users (a cluster's
+    ``$STABENCH_CACHE``) never makes one user load another's file."""
+    return f"-u{os.getuid()}" if hasattr(os, "getuid") else ""
+
+
+def check_private(path: Path) -> None:
+    """NativeUnavailable unless the library at ``path`` and its folder belong to this user and only
+    their owner may write them (a folder writable by others is allowed with its sticky bit, as /tmp): code that
+    someone else could have written or swapped is never loaded."""
+    if not hasattr(os, "getuid"):
+        return
+    for p, what in ((path, "file"), (path.parent, "folder")):
+        st = p.stat()
+        if st.st_uid != os.getuid():
+            raise NativeUnavailable(f"the kernel's {what} {p} belongs to another user (uid {st.st_uid}): not loaded")
+        if st.st_mode & 0o022 and not (what == "folder" and st.st_mode & stat.S_ISVTX):
+            raise NativeUnavailable(f"the kernel's {what} {p} is writable by others (mode "
+                                    f"{stat.S_IMODE(st.st_mode):o}): not loaded; run chmod go-w {shlex.quote(str(p))}")
 
 
 class CappedKernel:
@@ -186,7 +210,9 @@ def capped_kernel() -> CappedKernel | None:
     if not enabled():
         return None
     try:
-        kernel = CappedKernel(build())
+        path = build()
+        check_private(path)
+        kernel = CappedKernel(path)
         self_check(kernel)
         return kernel
     except (NativeUnavailable, OSError, AttributeError) as e:

@@ -155,3 +155,33 @@ def test_stabench_native_0_turns_it_off_without_building(cache, monkeypatch):
     monkeypatch.setenv("STABENCH_NATIVE", "0")
     monkeypatch.setattr(native, "build", lambda: pytest.fail("built"))
     assert native.capped_kernel() is None
+
+
+def test_each_user_loads_only_their_own_build(cache, compiler, monkeypatch, capfd):
+    """A cache shared between users (a cluster's ``$STABENCH_CACHE``): each user's build has a name of its own,
+    and a library or folder that another user owns, or that others may write, is never loaded — the head takes
+    PyTorch's passes and one line says why and how to fix it."""
+    path = native.build()
+    assert path.name.endswith(f"-u{os.getuid()}.so")
+    native.check_private(path)  # this user's own build, mode 755 whatever the umask, in a folder of 755: loads
+    assert oct(path.stat().st_mode & 0o777) == "0o755" and not cache.stat().st_mode & 0o022
+
+    path.chmod(0o666)
+    native.capped_kernel.cache_clear()  # the compiler fixture loaded it before the change
+    assert native.capped_kernel() is None
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and "writable by others" in err and "chmod go-w" in err
+    path.chmod(0o755)
+
+    cache.chmod(0o777)  # a folder anyone may write: someone could swap the file
+    native.capped_kernel.cache_clear()
+    assert native.capped_kernel() is None and "folder" in capfd.readouterr().err
+    cache.chmod(0o1777)  # ... unless sticky, as /tmp: only the file's owner may rename it
+    native.check_private(path)
+    cache.chmod(0o755)
+
+    uid = os.getuid()
+    monkeypatch.setattr(native.os, "getuid", lambda: uid + 4242)  # the same files, seen by another user
+    with pytest.raises(native.NativeUnavailable, match="belongs to another user"):
+        native.check_private(path)
+    assert native.build() != path  # that user builds their own (once this user's library is found wanting)
