@@ -184,4 +184,4 @@ def test_each_user_loads_only_their_own_build(cache, compiler, monkeypatch, capf
     monkeypatch.setattr(native.os, "getuid", lambda: uid + 4242)  # the same files, seen by another user
     with pytest.raises(native.NativeUnavailable, match="belongs to another user"):
         native.check_private(path)
-    assert native.build() != path  # that user builds their own (once this user's library is found wanting)
+    assert native.build() != path  # that user's build has a name of its own
